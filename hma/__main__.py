@@ -1,0 +1,83 @@
+"""The one command line: `python -m hma <command>`; each command is a few lines over the library."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+import time
+
+from hma.config import EngineConfig, add_flags, from_flags
+from hma.errors import HMAError
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from hma.engine import LLM
+    from hma.sampling import SamplingParams
+
+    llm = LLM(**dataclasses.asdict(from_flags(args, EngineConfig)))
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
+                            top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+    t0 = time.perf_counter()
+    if args.chat:
+        out = llm.chat([{"role": "user", "content": args.prompt}], params, use_tqdm=False)[0]
+    else:
+        out = llm.generate(args.prompt, params, use_tqdm=False)[0]
+    elapsed = time.perf_counter() - t0
+    print(out.text)
+    print(f"[{len(out.prompt_token_ids)} prompt tokens, {len(out.token_ids)} generated, "
+          f"finish_reason={out.finish_reason}, ttft={out.metrics.ttft * 1e3:.0f} ms, "
+          f"total={elapsed:.2f} s]", file=sys.stderr)
+
+
+def _fetch_demo_model(args: argparse.Namespace) -> None:
+    from hma.checkpoint import fetch_demo_model
+
+    print(fetch_demo_model(force=args.force))
+
+
+def _bench(args: argparse.Namespace) -> None:
+    import importlib
+
+    importlib.import_module(f"hma.bench.{args.name}").main(args.bench_args)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m hma", description=__doc__)
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    gen = commands.add_parser("generate", help="complete one prompt offline and print it")
+    add_flags(gen, EngineConfig)
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (the default here)")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=-1)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.set_defaults(run=_generate)
+
+    bench = commands.add_parser("bench", help="run a benchmark: speed", add_help=False)
+    bench.add_argument("name", choices=["speed"])
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="the benchmark's own flags")
+    bench.set_defaults(run=_bench)
+
+    fetch = commands.add_parser("fetch-demo-model", help="download and convert SmolLM2-135M-Instruct")
+    fetch.add_argument("--force", action="store_true", help="convert again even if cached")
+    fetch.set_defaults(run=_fetch_demo_model)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        args.run(args)
+    except HMAError as exc:
+        sys.exit(f"error: {exc}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""Paged attention over the KV cache: the plain PyTorch reference, which runs anywhere.
+
+In: one layer's q, k, v for the flat batch, that layer's block pools and the Batch. The new K/V
+are written to their slots first, then every query attends to its sequence's cached keys, read
+back through the block table: prefill sequences causally (query t sees positions up to
+context_len + t; a prompt with nothing cached uses its fresh K/V directly), decode sequences one
+query each over all their tokens. A fused GPU kernel
+replaces `paged_attention` behind the same signature.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from hma.batch import Batch
+
+
+def write_kv(k_pool: torch.Tensor, v_pool: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Stores each token's K and V at its slot; pools are (num_blocks, block_size, heads, dim)."""
+    k_pool.view(-1, *k_pool.shape[2:]).index_copy_(0, slot_mapping, k)
+    v_pool.view(-1, *v_pool.shape[2:]).index_copy_(0, slot_mapping, v)
+
+
+def gather_kv(pool: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
+    """Reads whole blocks in table order: (num_seqs, max_blocks * block_size, heads, dim)."""
+    num_seqs, max_blocks = block_tables.shape
+    return pool[block_tables].reshape(num_seqs, max_blocks * pool.shape[1], *pool.shape[2:])
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pool: torch.Tensor,
+                    v_pool: torch.Tensor, batch: Batch, scale: float) -> torch.Tensor:
+    """q: (num_tokens, heads, dim); k, v: (num_tokens, kv_heads, dim). Returns like q."""
+    write_kv(k_pool, v_pool, k, v, batch.slot_mapping)
+    out = torch.empty_like(q)
+    num_prefill_tokens = sum(batch.query_lens[:batch.num_prefills])
+    start = 0
+    for i in range(batch.num_prefills):
+        end = start + batch.query_lens[i]
+        if batch.seq_lens_host[i] == batch.query_lens[i]:
+            # Nothing cached before this prompt: attend to its fresh K/V (flash-attention eligible).
+            out[start:end] = _sdpa(q[start:end], k[start:end], v[start:end], scale)
+        else:
+            out[start:end] = _prefill_one(q[start:end], k_pool, v_pool, batch.block_tables[i],
+                                          batch.seq_lens_host[i], scale)
+        start = end
+    if batch.num_seqs > batch.num_prefills:
+        tables = batch.block_tables[batch.num_prefills:]
+        out[num_prefill_tokens:] = _decode(q[num_prefill_tokens:], k_pool, v_pool, tables,
+                                           batch.seq_lens[batch.num_prefills:], scale)
+    return out
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+          mask: torch.Tensor | None = None) -> torch.Tensor:
+    """SDPA over (tokens, heads, dim) tensors. CUDA's fused backends need 4-D inputs, and the
+    masked one no GQA, so K/V heads are repeated up to the query heads; otherwise SDPA falls
+    back to its math backend, which costs prefill half its speed."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    q, k, v = (t.transpose(0, 1)[None] for t in (q, k, v))  # (1, heads, tokens, dim)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale)
+    return out[0].transpose(0, 1)  # (q_len, heads, dim)
+
+
+def _prefill_one(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+                 block_table: torch.Tensor, seq_len: int, scale: float) -> torch.Tensor:
+    """One sequence's new tokens over all its cached tokens (some cached earlier), causal."""
+    q_len = q.shape[0]
+    keys = gather_kv(k_pool, block_table[None])[0, :seq_len]    # (seq_len, kv_heads, dim)
+    values = gather_kv(v_pool, block_table[None])[0, :seq_len]
+    # Query t sits at position seq_len - q_len + t and sees keys up to that position.
+    q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)
+    mask = torch.arange(seq_len, device=q.device)[None, :] <= q_pos[:, None]  # (q_len, seq_len)
+    return _sdpa(q, keys, values, scale, mask)
+
+
+def _decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+            block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """One query per sequence over its blocks, batched; padding past seq_len is masked."""
+    num_seqs, num_heads, head_dim = q.shape
+    keys = gather_kv(k_pool, block_tables)      # (num_seqs, max_len, kv_heads, dim)
+    values = gather_kv(v_pool, block_tables)
+    num_kv_heads = keys.shape[2]
+    # Group query heads by the KV head they share (GQA) instead of copying K and V.
+    qg = q.view(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    scores = torch.einsum("bhgd,blhd->bhgl", qg.float(), keys.float()) * scale
+    valid = torch.arange(keys.shape[1], device=q.device)[None, :] < seq_lens[:, None]
+    scores.masked_fill_(~valid[:, None, None, :], float("-inf"))
+    probs = scores.softmax(dim=-1)
+    out = torch.einsum("bhgl,blhd->bhgd", probs, values.float())
+    return out.reshape(num_seqs, num_heads, head_dim).to(q.dtype)

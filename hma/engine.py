@@ -1,0 +1,262 @@
+"""The engine step loop every role shares, and LLM, the offline API with vLLM's names.
+
+One step: the scheduler picks prefills and decodes, their chunks become one flat Batch, the
+model turns it into logits for each sequence's last token, the sampler picks tokens, and each
+request is checked for EOS, stop tokens, stop strings and length. Finished requests free their
+blocks in the same step.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from hma.batch import Batch, SeqChunk
+from hma.checkpoint import iter_safetensors, load_config_dict, load_tokenizer, resolve_model_path
+from hma.config import EngineConfig, ModelConfig
+from hma.errors import InvalidRequestError, RequestTooLargeError
+from hma.kv_cache import KVCache, bytes_per_block, kv_budget_bytes
+from hma.qwen3 import Qwen3ForCausalLM
+from hma.request import Request, RequestOutput, RequestStatus
+from hma.sampling import SamplingParams, make_generator, sample
+from hma.scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+Prompt = str | list[int] | dict
+
+
+def resolve_device(name: str | None) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise InvalidRequestError("device 'cuda' was asked for but no CUDA GPU is visible")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
+    if name is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise InvalidRequestError(f"dtype {name!r} is not one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+class LLMEngine:
+    """A model, its paged KV cache and a scheduler, driven one step at a time."""
+
+    def __init__(self, model: Qwen3ForCausalLM, kv_cache: KVCache, config: EngineConfig,
+                 tokenizer=None, eos_token_ids: Sequence[int] = ()) -> None:
+        self.model = model
+        self.kv_cache = kv_cache
+        self.config = config
+        self.tokenizer = tokenizer
+        self.eos_token_ids = set(eos_token_ids)
+        self.device = next(model.parameters()).device
+        self.scheduler = Scheduler(kv_cache.allocator, kv_cache.block_size, config.max_num_seqs,
+                                   config.max_num_batched_tokens)
+        self.max_model_len = _max_model_len(config, model.config, kv_cache)
+        self._ids = itertools.count()
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> LLMEngine:
+        """Loads checkpoint, tokenizer and weights, then sizes the KV cache from what memory is left."""
+        t0 = time.perf_counter()
+        device = resolve_device(config.device)
+        dtype = resolve_dtype(config.dtype, device)
+        path = resolve_model_path(config.model)
+        model_config = ModelConfig.from_dict(load_config_dict(path))
+        tokenizer = load_tokenizer(path)
+        max_positions = min(config.max_model_len or model_config.max_position_embeddings,
+                            model_config.max_position_embeddings)
+        model = Qwen3ForCausalLM.create(model_config, dtype, device, max_positions)
+        model.load_weights(iter_safetensors(path, device=device, dtype=dtype))
+        log.info("loaded %s (%s, %s on %s) in %.1f s", path.name, model_config.architecture,
+                 dtype, device, time.perf_counter() - t0)
+        kv_cache = make_kv_cache(model_config, config, dtype, device)
+        eos = set(model_config.eos_token_ids) | _generation_eos(path)
+        if tokenizer.eos_token_id is not None:
+            eos.add(tokenizer.eos_token_id)
+        return cls(model, kv_cache, config, tokenizer, sorted(eos))
+
+    def add_request(self, prompt: Prompt, params: SamplingParams,
+                    request_id: str | None = None) -> Request:
+        """Queues a prompt (text, token ids, or {"prompt_token_ids": [...]}); refuses what cannot fit."""
+        token_ids, text = self._tokenize(prompt)
+        if not token_ids:
+            raise InvalidRequestError("the prompt is empty")
+        if min(token_ids) < 0 or max(token_ids) >= self.model.config.vocab_size:
+            raise InvalidRequestError(f"prompt token ids must lie in [0, {self.model.config.vocab_size})")
+        total = len(token_ids) + params.max_tokens
+        if total > self.max_model_len:
+            raise RequestTooLargeError(
+                f"this request needs {len(token_ids)} prompt + {params.max_tokens} max_tokens = {total} "
+                f"tokens, over max_model_len={self.max_model_len} ({self.kv_cache.num_tokens} tokens fit "
+                f"in the KV cache)")
+        req = Request(request_id or str(next(self._ids)), token_ids, params, prompt=text,
+                      generator=make_generator(params.seed, self.device))
+        self.scheduler.add(req)
+        return req
+
+    def abort(self, req: Request) -> None:
+        """Drops a request wherever it is and frees its blocks."""
+        if not req.is_finished:
+            self.scheduler.finish(req, "abort")
+
+    @property
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished
+
+    def step(self) -> list[RequestOutput]:
+        """Runs one batch; returns the outputs of every request that advanced."""
+        plan = self.scheduler.schedule()
+        if plan.is_empty:
+            return []
+        prefills = [SeqChunk(r.all_token_ids, 0, r.block_ids) for r in plan.prefills]
+        decodes = [SeqChunk(r.all_token_ids[-1:], r.num_tokens - 1, r.block_ids) for r in plan.decodes]
+        batch = Batch.build(prefills, decodes, self.kv_cache.block_size, self.device)
+        logits = self.model(batch, self.kv_cache)
+        reqs = plan.prefills + plan.decodes
+        tokens = sample(logits, [r.sampling_params for r in reqs], [r.generator for r in reqs])
+        now = time.time()
+        for req, token in zip(reqs, tokens):
+            self._append_token(req, token, now)
+        return [RequestOutput.of(r) for r in reqs]
+
+    def _append_token(self, req: Request, token: int, now: float) -> None:
+        req.output_token_ids.append(token)
+        req.metrics.first_token_time = req.metrics.first_token_time or now
+        params = req.sampling_params
+        if params.stop:
+            req.output_text = self.detokenize(req.output_token_ids)
+            for stop in params.stop:
+                cut = req.output_text.find(stop)
+                if cut >= 0:
+                    req.output_text = req.output_text[:cut]
+                    return self.scheduler.finish(req, "stop", stop)
+        if token in params.stop_token_ids:
+            self._finish(req, "stop", token)
+        elif token in self.eos_token_ids and not params.ignore_eos:
+            self._finish(req, "stop")
+        elif len(req.output_token_ids) >= params.max_tokens or req.num_tokens >= self.max_model_len:
+            self._finish(req, "length")
+
+    def _finish(self, req: Request, reason: str, stop_reason: int | None = None) -> None:
+        req.output_text = self.detokenize(req.output_token_ids)
+        self.scheduler.finish(req, reason, stop_reason)
+
+    def detokenize(self, token_ids: list[int]) -> str:
+        if self.tokenizer is None:
+            return ""
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    def _tokenize(self, prompt: Prompt) -> tuple[list[int], str | None]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" not in prompt:
+                raise InvalidRequestError("a dict prompt needs 'prompt_token_ids'")
+            prompt = list(prompt["prompt_token_ids"])
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise InvalidRequestError("text prompts need a tokenizer; pass token ids")
+            return self.tokenizer(prompt).input_ids, prompt
+        if not all(isinstance(t, int) for t in prompt):
+            raise InvalidRequestError("prompt token ids must be integers")
+        return list(prompt), None
+
+
+def make_kv_cache(model_config: ModelConfig, config: EngineConfig, dtype: torch.dtype,
+                  device: torch.device) -> KVCache:
+    """Sizes the block pools from the budget (after the weights are loaded) and allocates them."""
+    budget = kv_budget_bytes(device, config.kv_memory_gb, config.kv_memory_fraction)
+    num_blocks = budget // bytes_per_block(model_config, config.block_size, dtype)
+    return KVCache(model_config, num_blocks, config.block_size, dtype, device)
+
+
+def _max_model_len(config: EngineConfig, model_config: ModelConfig, kv_cache: KVCache) -> int:
+    """The longest prompt + output a request may have: it must fit the cache on its own."""
+    wanted = config.max_model_len or model_config.max_position_embeddings
+    if config.max_model_len and config.max_model_len > kv_cache.num_tokens:
+        raise RequestTooLargeError(
+            f"max_model_len={config.max_model_len} does not fit: the KV cache holds "
+            f"{kv_cache.num_tokens} tokens ({kv_cache.num_blocks} blocks); raise kv_memory_gb")
+    if wanted > kv_cache.num_tokens:
+        log.warning("max_model_len lowered from %d to %d, what the KV cache holds", wanted,
+                    kv_cache.num_tokens)
+    return min(wanted, kv_cache.num_tokens)
+
+
+def _generation_eos(path: Path) -> set[int]:
+    gen = path / "generation_config.json"
+    if not gen.exists():
+        return set()
+    eos = json.loads(gen.read_text()).get("eos_token_id")
+    return set(eos) if isinstance(eos, list) else ({eos} if eos is not None else set())
+
+
+class LLM:
+    """Offline generation, as in vLLM: LLM(model).generate(prompts, SamplingParams(...))."""
+
+    def __init__(self, model: str = "demo", device: str | None = None, dtype: str | None = None,
+                 kv_memory_gb: float | None = None, **kwargs) -> None:
+        config = EngineConfig(model=model, device=device, dtype=dtype, kv_memory_gb=kv_memory_gb, **kwargs)
+        self.engine = LLMEngine.from_config(config)
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts: Prompt | Sequence[Prompt], sampling_params: SamplingParams | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Runs every prompt to completion with continuous batching; outputs in prompt order."""
+        if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = sampling_params or SamplingParams()
+        return run_to_completion(self.engine, prompts, params, use_tqdm)
+
+    def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,
+             use_tqdm: bool = True) -> list[RequestOutput]:
+        """Applies the checkpoint's chat template to each conversation, then generates."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [{"prompt_token_ids": apply_chat_template(self.engine.tokenizer, c)} for c in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+
+def apply_chat_template(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of a conversation under the chat template, ready for the assistant's reply."""
+    if not messages:
+        raise InvalidRequestError("messages must not be empty")
+    if not getattr(tokenizer, "chat_template", None):
+        raise InvalidRequestError("this checkpoint has no chat template; use a plain prompt")
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    # The template already holds any BOS token, so none is added twice.
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
+def run_to_completion(engine: LLMEngine, prompts: Sequence[Prompt], params: SamplingParams,
+                      use_tqdm: bool = False) -> list[RequestOutput]:
+    """Adds all prompts, steps until each is finished, returns outputs in order."""
+    reqs = []
+    try:
+        for prompt in prompts:
+            reqs.append(engine.add_request(prompt, params))
+    except Exception:
+        for req in reqs:  # one bad prompt refuses the call without leaving the others queued
+            engine.abort(req)
+        raise
+    done: dict[str, RequestOutput] = {}
+    with tqdm(total=len(reqs), desc="generate", disable=not use_tqdm) as bar:
+        while engine.has_unfinished:
+            for out in engine.step():
+                if out.finished and out.request_id not in done:
+                    done[out.request_id] = out
+                    bar.update(1)
+    return [done[r.request_id] for r in reqs]

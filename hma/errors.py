@@ -1,0 +1,49 @@
+"""The few exception types that cross module boundaries.
+
+Each carries the HTTP `status` and OpenAI-style `code` that the router puts in the /v1 JSON
+error body; everything else in hma raises these or lets a programming error propagate.
+"""
+
+from __future__ import annotations
+
+
+class HMAError(Exception):
+    """Base of every error hma raises on purpose."""
+
+    status = 500
+    code = "internal_error"
+
+
+class ModelNotFoundError(HMAError):
+    """The named model is neither the demo, a local folder, nor reachable on the hub."""
+
+    status = 404
+    code = "model_not_found"
+
+
+class CheckpointError(HMAError):
+    """A checkpoint folder is missing files or holds ones we cannot read."""
+
+    status = 500
+    code = "checkpoint_error"
+
+
+class UnsupportedModelError(HMAError):
+    """The checkpoint is readable but its architecture is not one hma runs."""
+
+    status = 400
+    code = "unsupported_model"
+
+
+class RequestTooLargeError(HMAError):
+    """Prompt plus max_tokens exceed the model's context length or the KV budget."""
+
+    status = 400
+    code = "context_length_exceeded"
+
+
+class InvalidRequestError(HMAError):
+    """A request field is missing, mistyped or out of range."""
+
+    status = 400
+    code = "invalid_request_error"

@@ -1,0 +1,94 @@
+"""The paged KV cache: per-layer K and V block pools, and the allocator that hands blocks out.
+
+Pool layout, per layer: (num_blocks, block_size, num_key_value_heads, head_dim). A block holds
+block_size consecutive tokens of one sequence; a sequence's block table lists its blocks in
+order. Invariant: the scheduler owns every allocation and frees a sequence's blocks the moment it
+finishes or is preempted; the cache itself never frees anything.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import deque
+
+import torch
+
+from hma.config import ModelConfig
+from hma.errors import RequestTooLargeError
+
+log = logging.getLogger(__name__)
+
+CPU_KV_MEMORY_CAP_GB = 1.0  # a CPU default large enough for the demo, small enough for a laptop
+
+
+def blocks_for(num_tokens: int, block_size: int) -> int:
+    """How many blocks num_tokens tokens occupy."""
+    return -(-num_tokens // block_size)
+
+
+class BlockAllocator:
+    """A free list of block ids; allocation is all-or-nothing."""
+
+    def __init__(self, num_blocks: int) -> None:
+        self.num_blocks = num_blocks
+        self._free: deque[int] = deque(range(num_blocks))
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def can_allocate(self, n: int) -> bool:
+        return n <= len(self._free)
+
+    def allocate(self, n: int) -> list[int]:
+        """Takes n blocks off the free list, or raises if fewer are free."""
+        if n > len(self._free):
+            raise RequestTooLargeError(f"{n} KV blocks wanted, {len(self._free)} free")
+        return [self._free.popleft() for _ in range(n)]
+
+    def free(self, block_ids: list[int]) -> None:
+        self._free.extend(block_ids)
+
+
+class KVCache:
+    """K and V block pools for every layer, in one dtype, on one device."""
+
+    def __init__(self, config: ModelConfig, num_blocks: int, block_size: int,
+                 dtype: torch.dtype, device: torch.device | str) -> None:
+        if num_blocks < 1:
+            raise RequestTooLargeError(
+                f"the KV memory budget holds no block of {block_size} tokens; raise kv_memory_gb")
+        shape = (num_blocks, block_size, config.num_key_value_heads, config.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.allocator = BlockAllocator(num_blocks)
+        log.info("kv cache: %d blocks x %d tokens = %d tokens, %.3f GB", num_blocks, block_size,
+                 num_blocks * block_size, self.nbytes / 1e9)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_blocks * self.block_size
+
+
+def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    """K and V of every layer for one block."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    return 2 * config.num_hidden_layers * block_size * config.num_key_value_heads * config.head_dim * elem
+
+
+def kv_budget_bytes(device: torch.device, kv_memory_gb: float | None, fraction: float) -> int:
+    """The KV budget: the flag in GB, else a fraction of free device memory (or of free RAM)."""
+    if kv_memory_gb is not None:
+        return int(kv_memory_gb * 1e9)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * fraction)
+    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return int(min(available * fraction, CPU_KV_MEMORY_CAP_GB * 1e9))

@@ -1,0 +1,221 @@
+"""The Qwen3 decoder, written out by hand; Llama checkpoints run through it as Qwen3 without QK-norm.
+
+In: a flat Batch of token ids (many sequences, no padding) and the paged KV cache. Out: float32
+logits for the rows the batch asks for. Per layer: RMSNorm, fused QKV projection, per-head
+q_norm/k_norm (Qwen3 only), RoPE, paged attention, output projection, RMSNorm, SwiGLU MLP.
+Weights load from Hugging Face names; q/k/v and gate/up are fused on load into one matmul each.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hma.attention import paged_attention
+from hma.batch import Batch
+from hma.config import ModelConfig
+from hma.errors import CheckpointError
+from hma.kv_cache import KVCache
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm, computed in float32 as the reference implementation does."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding (rotate-half layout) from a cos/sin table built once."""
+
+    def __init__(self, head_dim: int, theta: float, max_positions: int) -> None:
+        super().__init__()
+        self.head_dim, self.theta, self.max_positions = head_dim, theta, max_positions
+        self.register_buffer("cos", torch.empty(max_positions, head_dim // 2), persistent=False)
+        self.register_buffer("sin", torch.empty(max_positions, head_dim // 2), persistent=False)
+        self.reset()
+
+    def reset(self) -> None:
+        """(Re)computes the table in float32 on the buffers' device."""
+        if self.cos.is_meta:
+            return
+        device = self.cos.device
+        exponent = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device) / self.head_dim
+        inv_freq = 1.0 / self.theta ** exponent
+        positions = torch.arange(self.max_positions, dtype=torch.float32, device=device)
+        freqs = torch.outer(positions, inv_freq)  # (max_positions, head_dim/2)
+        self.cos = freqs.cos()
+        self.sin = freqs.sin()
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin for the batch's positions, once per step: (num_tokens, 1, head_dim) each."""
+        cos = self.cos[positions].repeat(1, 2)[:, None, :].to(dtype)
+        sin = self.sin[positions].repeat(1, 2)[:, None, :].to(dtype)
+        return cos, sin
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotates x (num_tokens, heads, head_dim) in the rotate-half layout."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class Attention(nn.Module):
+    """Grouped-query attention over the paged cache."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=False)
+        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
+        self.qk_norm = config.has_qk_norm
+        if self.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch: Batch,
+                k_pool: torch.Tensor, v_pool: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)      # (num_tokens, heads, head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)   # (num_tokens, kv_heads, head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        out = paged_attention(q, k, v, k_pool, v_pool, batch, self.head_dim ** -0.5)
+        return self.o_proj(out.reshape(-1, self.q_size))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)), with gate and up in one matmul."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm attention and MLP, each with a residual add."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch: Batch,
+                k_pool: torch.Tensor, v_pool: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, batch, k_pool, v_pool)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Qwen3ForCausalLM(nn.Module):
+    """Embedding, decoder layers, final norm, lm_head (tied to the embedding where configured)."""
+
+    def __init__(self, config: ModelConfig, max_positions: int | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.rope = RotaryEmbedding(config.head_dim, config.rope_theta,
+                                    max_positions or config.max_position_embeddings)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    @classmethod
+    def create(cls, config: ModelConfig, dtype: torch.dtype, device: torch.device | str,
+               max_positions: int | None = None) -> Qwen3ForCausalLM:
+        """An uninitialised model straight on device (no wasted random init); load or init it next."""
+        with torch.device("meta"):
+            model = cls(config, max_positions)
+        model = model.to_empty(device=device).to(dtype)
+        if config.tie_word_embeddings:
+            model.lm_head.weight = model.embed_tokens.weight
+        model.rope.reset()
+        return model.eval()
+
+    def init_random_(self, seed: int = 0, std: float = 0.02) -> None:
+        """Random weights for benchmarks at real shapes; norms start at one."""
+        gen = torch.Generator(self.embed_tokens.weight.device).manual_seed(seed)
+        for name, param in self.named_parameters():
+            if name.endswith("norm.weight"):
+                param.data.fill_(1.0)
+            else:
+                param.data.normal_(0.0, std, generator=gen)
+
+    @torch.inference_mode()
+    def forward(self, batch: Batch, kv_cache: KVCache) -> torch.Tensor:
+        """Returns float32 logits (len(batch.logits_indices), vocab_size)."""
+        x = self.embed_tokens(batch.input_ids)  # (num_tokens, hidden)
+        rope = self.rope(batch.positions, x.dtype)
+        for layer, k_pool, v_pool in zip(self.layers, kv_cache.k, kv_cache.v):
+            x = layer(x, rope, batch, k_pool, v_pool)
+        x = self.norm(x[batch.logits_indices])
+        return self.lm_head(x).float()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copies Hugging Face-named tensors in, fusing q/k/v and gate/up; checks none is missing."""
+        params = dict(self.named_parameters(remove_duplicate=False))
+        loaded = set()
+        for name, tensor in weights:
+            target, offset = _fused_target(name, self.config)
+            if target not in params:
+                if name.endswith("rotary_emb.inv_freq"):
+                    continue
+                raise CheckpointError(f"checkpoint tensor {name!r} has no place in {self.config.architecture}")
+            param = params[target]
+            rows = tensor.shape[0]
+            param.data[offset:offset + rows].copy_(tensor)
+            loaded.add((target, offset))
+        if self.config.tie_word_embeddings:
+            loaded.add(("lm_head.weight", 0))
+        expected = {(t, o) for n in _expected_names(self.config) for t, o in [_fused_target(n, self.config)]}
+        missing = sorted(t for t, o in expected - loaded)
+        if missing:
+            raise CheckpointError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
+
+
+def _fused_target(name: str, config: ModelConfig) -> tuple[str, int]:
+    """Maps a Hugging Face tensor name to (our parameter, first row inside it)."""
+    name = name.removeprefix("model.")
+    q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+    fused = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", q), "v_proj": ("qkv_proj", q + kv),
+             "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", config.intermediate_size)}
+    for part, (into, offset) in fused.items():
+        if f".{part}." in name:
+            return name.replace(part, into), offset
+    return name, 0
+
+
+def _expected_names(config: ModelConfig) -> list[str]:
+    names = ["embed_tokens.weight", "norm.weight"]
+    if not config.tie_word_embeddings:
+        names.append("lm_head.weight")
+    per_layer = ["self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
+                 "self_attn.o_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight",
+                 "mlp.down_proj.weight", "input_layernorm.weight", "post_attention_layernorm.weight"]
+    if config.has_qk_norm:
+        per_layer += ["self_attn.q_norm.weight", "self_attn.k_norm.weight"]
+    return names + [f"layers.{i}.{p}" for i in range(config.num_hidden_layers) for p in per_layer]
