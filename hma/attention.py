@@ -1,7 +1,8 @@
 """Paged attention over the KV cache: the plain PyTorch reference, which runs anywhere.
 
-In: one layer's q, k, v for the flat batch, that layer's block pools and the Batch. The new K/V
-are written to their slots first, then every query attends to its sequence's cached keys, read
+In: one layer's q, k, v for the flat batch, that layer's pools (LayerKV) and the Batch. The new
+K/V are quantized into the cache's format and written to their slots first (deferred
+dequantization: the cache holds payload and scales only), then every query attends to its sequence's cached keys, read
 back through the block table: prefill sequences causally (query t sees positions up to
 context_len + t; a prompt with nothing cached uses its fresh K/V directly), decode sequences one
 query each over all their tokens. A fused GPU kernel
@@ -14,25 +15,34 @@ import torch
 import torch.nn.functional as F
 
 from hma.batch import Batch
+from hma.kv_cache import LayerKV
 
 
-def write_kv(k_pool: torch.Tensor, v_pool: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
-    """Stores each token's K and V at its slot; pools are (num_blocks, block_size, heads, dim)."""
-    k_pool.view(-1, *k_pool.shape[2:]).index_copy_(0, slot_mapping, k)
-    v_pool.view(-1, *v_pool.shape[2:]).index_copy_(0, slot_mapping, v)
+def write_kv(cache: LayerKV, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Quantizes each token's K and V (num_tokens, kv_heads, dim) into the pools at its slot."""
+    for pool, scales, x in ((cache.k, cache.k_scales, k), (cache.v, cache.v_scales, v)):
+        payload, x_scales = cache.format.quantize(x)
+        pool.flatten(0, 1).index_copy_(0, slot_mapping, payload)  # flatten of a contiguous pool is a view
+        scales.flatten(0, 1).index_copy_(0, slot_mapping, x_scales)
 
 
-def gather_kv(pool: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
-    """Reads whole blocks in table order: (num_seqs, max_blocks * block_size, heads, dim)."""
+def gather_kv(cache: LayerKV, block_tables: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reads whole blocks in table order and dequantizes them: K and V, each
+    (num_seqs, max_blocks * block_size, kv_heads, dim)."""
     num_seqs, max_blocks = block_tables.shape
-    return pool[block_tables].reshape(num_seqs, max_blocks * pool.shape[1], *pool.shape[2:])
+
+    def read(pool: torch.Tensor) -> torch.Tensor:
+        return pool[block_tables].reshape(num_seqs, max_blocks * pool.shape[1], *pool.shape[2:])
+
+    fmt = cache.format
+    return (fmt.dequantize(read(cache.k), read(cache.k_scales), dtype),
+            fmt.dequantize(read(cache.v), read(cache.v_scales), dtype))
 
 
-def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pool: torch.Tensor,
-                    v_pool: torch.Tensor, batch: Batch, scale: float) -> torch.Tensor:
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerKV,
+                    batch: Batch, scale: float) -> torch.Tensor:
     """q: (num_tokens, heads, dim); k, v: (num_tokens, kv_heads, dim). Returns like q."""
-    write_kv(k_pool, v_pool, k, v, batch.slot_mapping)
+    write_kv(cache, k, v, batch.slot_mapping)
     out = torch.empty_like(q)
     num_prefill_tokens = sum(batch.query_lens[:batch.num_prefills])
     start = 0
@@ -42,12 +52,12 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pool: t
             # Nothing cached before this prompt: attend to its fresh K/V (flash-attention eligible).
             out[start:end] = _sdpa(q[start:end], k[start:end], v[start:end], scale)
         else:
-            out[start:end] = _prefill_one(q[start:end], k_pool, v_pool, batch.block_tables[i],
+            out[start:end] = _prefill_one(q[start:end], cache, batch.block_tables[i],
                                           batch.seq_lens_host[i], scale)
         start = end
     if batch.num_seqs > batch.num_prefills:
         tables = batch.block_tables[batch.num_prefills:]
-        out[num_prefill_tokens:] = _decode(q[num_prefill_tokens:], k_pool, v_pool, tables,
+        out[num_prefill_tokens:] = _decode(q[num_prefill_tokens:], cache, tables,
                                            batch.seq_lens[batch.num_prefills:], scale)
     return out
 
@@ -64,24 +74,23 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     return out[0].transpose(0, 1)  # (q_len, heads, dim)
 
 
-def _prefill_one(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
-                 block_table: torch.Tensor, seq_len: int, scale: float) -> torch.Tensor:
+def _prefill_one(q: torch.Tensor, cache: LayerKV, block_table: torch.Tensor, seq_len: int,
+                 scale: float) -> torch.Tensor:
     """One sequence's new tokens over all its cached tokens (some cached earlier), causal."""
     q_len = q.shape[0]
-    keys = gather_kv(k_pool, block_table[None])[0, :seq_len]    # (seq_len, kv_heads, dim)
-    values = gather_kv(v_pool, block_table[None])[0, :seq_len]
+    keys, values = gather_kv(cache, block_table[None], q.dtype)
+    keys, values = keys[0, :seq_len], values[0, :seq_len]  # (seq_len, kv_heads, dim)
     # Query t sits at position seq_len - q_len + t and sees keys up to that position.
     q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)
     mask = torch.arange(seq_len, device=q.device)[None, :] <= q_pos[:, None]  # (q_len, seq_len)
     return _sdpa(q, keys, values, scale, mask)
 
 
-def _decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
-            block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
+def _decode(q: torch.Tensor, cache: LayerKV, block_tables: torch.Tensor, seq_lens: torch.Tensor,
+            scale: float) -> torch.Tensor:
     """One query per sequence over its blocks, batched; padding past seq_len is masked."""
     num_seqs, num_heads, head_dim = q.shape
-    keys = gather_kv(k_pool, block_tables)      # (num_seqs, max_len, kv_heads, dim)
-    values = gather_kv(v_pool, block_tables)
+    keys, values = gather_kv(cache, block_tables, q.dtype)  # (num_seqs, max_len, kv_heads, dim)
     num_kv_heads = keys.shape[2]
     # Group query heads by the KV head they share (GQA) instead of copying K and V.
     qg = q.view(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)

@@ -3,7 +3,8 @@ each sequence's KV in the paged cache.
 
 Layout: sequences are concatenated without padding. The first `num_prefills` sequences may bring
 many new tokens (a prompt, a recomputed sequence, a scored continuation); the rest are decodes
-bringing exactly one token. Token t of sequence i sits at position `context_len_i + t` and writes
+bringing exactly one token. Phase-wise quantization splits the same rows differently: the
+leading `num_prefill_precision_tokens` run through the prefill-precision weights, the rest BF16. Token t of sequence i sits at position `context_len_i + t` and writes
 its K/V to slot `block_ids[pos // block_size] * block_size + pos % block_size`.
 """
 
@@ -22,6 +23,7 @@ class SeqChunk:
     context_len: int        # tokens already in the cache before this step
     block_ids: list[int]    # covers context_len + len(token_ids) tokens
     all_logits: bool = False  # logits for every token (scoring), not just the last
+    prefill_precision: bool = True  # run through the prefill-precision weights (prefill chunks only)
 
 
 @dataclass(slots=True)
@@ -37,6 +39,7 @@ class Batch:
     query_lens: list[int]
     seq_lens_host: list[int]
     num_prefills: int
+    num_prefill_precision_tokens: int  # the leading tokens that run in the prefill precision
 
     @property
     def num_seqs(self) -> int:
@@ -47,6 +50,8 @@ class Batch:
               device: torch.device | str) -> Batch:
         """Flattens prefill chunks then decode chunks (each decode brings one token)."""
         assert all(len(c.token_ids) == 1 for c in decodes), "a decode brings exactly one token"
+        flags = [c.prefill_precision for c in prefills]
+        assert flags == sorted(flags, reverse=True), "prefill-precision chunks come first"
         chunks = prefills + decodes
         ids, pos, slots, logits_idx = [], [], [], []
         for chunk in chunks:
@@ -68,4 +73,5 @@ class Batch:
                    block_tables=tensor(tables), seq_lens=tensor(seq_lens),
                    logits_indices=tensor(logits_idx),
                    query_lens=[len(c.token_ids) for c in chunks], seq_lens_host=seq_lens,
-                   num_prefills=len(prefills))
+                   num_prefills=len(prefills),
+                   num_prefill_precision_tokens=sum(len(c.token_ids) for c in prefills if c.prefill_precision))

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hma.errors import UnsupportedModelError
+from hma.kv_formats import KV_FORMATS
+from hma.quant import PREFILL_DTYPES
 
 # Architectures the hand-written decoder runs; Llama is Qwen3 without QK-norm.
 SUPPORTED_ARCHITECTURES = {"Qwen3ForCausalLM": True, "LlamaForCausalLM": False}
@@ -125,6 +127,10 @@ class EngineConfig:
     device: str | None = field(default=None, metadata={"help": "cpu or cuda (default: cuda if present)"})
     dtype: str | None = field(default=None, metadata={"help": "float32 | bfloat16 | float16 "
                                                               "(default: bfloat16 on cuda, float32 on cpu)"})
+    prefill_dtype: str = field(default="bf16", metadata={
+        "help": "prefill precision (W8A8): bf16 (the model's own dtype, unquantized) | fp8 | int8 | bfp8"})
+    kv_dtype: str = field(default="auto", metadata={
+        "help": "KV cache format: auto (the model's dtype) | bf16 | fp16 | fp32 | fp8 | int8 | int4 | bfp8"})
     kv_memory_gb: float | None = field(default=None, metadata={"help": "KV cache budget in GB"})
     kv_memory_fraction: float = field(default=0.9, metadata={
         "help": "share of free device memory for the KV cache when --kv-memory-gb is not given "
@@ -136,6 +142,10 @@ class EngineConfig:
         "help": "longest prompt + output (default: the model's max_position_embeddings)"})
 
     def __post_init__(self) -> None:
+        if self.prefill_dtype not in PREFILL_DTYPES:
+            raise ValueError(f"prefill_dtype={self.prefill_dtype!r}; choose from {', '.join(PREFILL_DTYPES)}")
+        if self.kv_dtype != "auto" and self.kv_dtype not in KV_FORMATS:
+            raise ValueError(f"kv_dtype={self.kv_dtype!r}; choose from auto, {', '.join(KV_FORMATS)}")
         if self.block_size < 1:
             raise ValueError(f"block_size={self.block_size} must be at least 1")
         if self.kv_memory_gb is not None and self.kv_memory_gb <= 0:

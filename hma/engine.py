@@ -23,6 +23,7 @@ from hma.checkpoint import iter_safetensors, load_config_dict, load_tokenizer, r
 from hma.config import EngineConfig, ModelConfig
 from hma.errors import InvalidRequestError, RequestTooLargeError
 from hma.kv_cache import KVCache, bytes_per_block, kv_budget_bytes
+from hma.kv_formats import KVFormat, get_kv_format
 from hma.qwen3 import Qwen3ForCausalLM
 from hma.request import Request, RequestOutput, RequestStatus
 from hma.sampling import SamplingParams, make_generator, sample
@@ -81,6 +82,7 @@ class LLMEngine:
                             model_config.max_position_embeddings)
         model = Qwen3ForCausalLM.create(model_config, dtype, device, max_positions)
         model.load_weights(iter_safetensors(path, device=device, dtype=dtype))
+        model.use_prefill_precision(config.prefill_dtype)
         log.info("loaded %s (%s, %s on %s) in %.1f s", path.name, model_config.architecture,
                  dtype, device, time.perf_counter() - t0)
         kv_cache = make_kv_cache(model_config, config, dtype, device)
@@ -174,12 +176,20 @@ class LLMEngine:
         return list(prompt), None
 
 
+def resolve_kv_format(name: str, dtype: torch.dtype) -> KVFormat:
+    """'auto' is the model's own dtype, unquantized."""
+    if name == "auto":
+        name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    return get_kv_format(name)
+
+
 def make_kv_cache(model_config: ModelConfig, config: EngineConfig, dtype: torch.dtype,
                   device: torch.device) -> KVCache:
     """Sizes the block pools from the budget (after the weights are loaded) and allocates them."""
+    fmt = resolve_kv_format(config.kv_dtype, dtype)
     budget = kv_budget_bytes(device, config.kv_memory_gb, config.kv_memory_fraction)
-    num_blocks = budget // bytes_per_block(model_config, config.block_size, dtype)
-    return KVCache(model_config, num_blocks, config.block_size, dtype, device)
+    num_blocks = budget // bytes_per_block(model_config, config.block_size, fmt)
+    return KVCache(model_config, num_blocks, config.block_size, fmt, device)
 
 
 def _max_model_len(config: EngineConfig, model_config: ModelConfig, kv_cache: KVCache) -> int:

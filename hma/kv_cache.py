@@ -1,9 +1,11 @@
-"""The paged KV cache: per-layer K and V block pools, and the allocator that hands blocks out.
+"""The paged KV cache: per-layer K and V block pools in a KV format, and the block allocator.
 
-Pool layout, per layer: (num_blocks, block_size, num_key_value_heads, head_dim). A block holds
-block_size consecutive tokens of one sequence; a sequence's block table lists its blocks in
-order. Invariant: the scheduler owns every allocation and frees a sequence's blocks the moment it
-finishes or is preempted; the cache itself never frees anything.
+Pools per layer, for K and for V alike (deferred dequantization: never a dequantized copy):
+  payload (num_blocks, block_size, num_key_value_heads, format.payload_dim(head_dim))
+  scales  (num_blocks, block_size, num_key_value_heads, format.num_scales(head_dim)), float16
+A block holds block_size consecutive tokens of one sequence; a sequence's block table lists its
+blocks in order. Invariant: the scheduler owns every allocation and frees a sequence's blocks the
+moment it finishes or is preempted; the cache itself never frees anything.
 """
 
 from __future__ import annotations
@@ -11,11 +13,13 @@ from __future__ import annotations
 import logging
 import os
 from collections import deque
+from dataclasses import dataclass
 
 import torch
 
 from hma.config import ModelConfig
 from hma.errors import RequestTooLargeError
+from hma.kv_formats import SCALE_DTYPE, KVFormat
 
 log = logging.getLogger(__name__)
 
@@ -51,36 +55,62 @@ class BlockAllocator:
         self._free.extend(block_ids)
 
 
-class KVCache:
-    """K and V block pools for every layer, in one dtype, on one device."""
+@dataclass(slots=True)
+class LayerKV:
+    """One layer's pools: raw payload and scales for K and for V, in one format."""
 
-    def __init__(self, config: ModelConfig, num_blocks: int, block_size: int,
-                 dtype: torch.dtype, device: torch.device | str) -> None:
+    format: KVFormat
+    k: torch.Tensor
+    k_scales: torch.Tensor
+    v: torch.Tensor
+    v_scales: torch.Tensor
+
+    @classmethod
+    def empty(cls, fmt: KVFormat, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
+              device: torch.device | str) -> LayerKV:
+        # Zeros, not garbage: padded block-table entries are read (then masked) by attention.
+        def pool(dim: int, dtype: torch.dtype) -> torch.Tensor:
+            return torch.zeros(num_blocks, block_size, num_kv_heads, dim, dtype=dtype, device=device)
+
+        payload, scales = fmt.payload_dim(head_dim), fmt.num_scales(head_dim)
+        return cls(fmt, pool(payload, fmt.payload_dtype), pool(scales, SCALE_DTYPE),
+                   pool(payload, fmt.payload_dtype), pool(scales, SCALE_DTYPE))
+
+    @property
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.k, self.k_scales, self.v, self.v_scales
+
+
+class KVCache:
+    """Block pools for every layer in one KV format, on one device, and their allocator."""
+
+    def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, fmt: KVFormat,
+                 device: torch.device | str) -> None:
         if num_blocks < 1:
             raise RequestTooLargeError(
                 f"the KV memory budget holds no block of {block_size} tokens; raise kv_memory_gb")
-        shape = (num_blocks, block_size, config.num_key_value_heads, config.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.layers = [LayerKV.empty(fmt, num_blocks, block_size, config.num_key_value_heads,
+                                     config.head_dim, device) for _ in range(config.num_hidden_layers)]
+        self.format = fmt
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.allocator = BlockAllocator(num_blocks)
-        log.info("kv cache: %d blocks x %d tokens = %d tokens, %.3f GB", num_blocks, block_size,
-                 num_blocks * block_size, self.nbytes / 1e9)
+        log.info("kv cache: %s, %d blocks x %d tokens = %d tokens, %.3f GB", fmt.name, num_blocks,
+                 block_size, num_blocks * block_size, self.nbytes / 1e9)
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+        return sum(t.numel() * t.element_size() for layer in self.layers for t in layer.tensors)
 
     @property
     def num_tokens(self) -> int:
         return self.num_blocks * self.block_size
 
 
-def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-    """K and V of every layer for one block."""
-    elem = torch.empty((), dtype=dtype).element_size()
-    return 2 * config.num_hidden_layers * block_size * config.num_key_value_heads * config.head_dim * elem
+def bytes_per_block(config: ModelConfig, block_size: int, fmt: KVFormat) -> int:
+    """K and V of every layer for one block, payload and scales."""
+    per_token = fmt.bytes_per_token(config.num_key_value_heads, config.head_dim)
+    return 2 * config.num_hidden_layers * block_size * per_token
 
 
 def kv_budget_bytes(device: torch.device, kv_memory_gb: float | None, fraction: float) -> int:

@@ -18,7 +18,8 @@ from hma.attention import paged_attention
 from hma.batch import Batch
 from hma.config import ModelConfig
 from hma.errors import CheckpointError
-from hma.kv_cache import KVCache
+from hma.kv_cache import KVCache, LayerKV
+from hma.quant import PhaseLinear
 
 
 class RMSNorm(nn.Module):
@@ -80,24 +81,25 @@ class Attention(nn.Module):
         self.head_dim = config.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=False)
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
+        self.qkv_proj = PhaseLinear(config.hidden_size, self.q_size + 2 * self.kv_size)
+        self.o_proj = PhaseLinear(self.q_size, config.hidden_size)
         self.qk_norm = config.has_qk_norm
         if self.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch: Batch,
-                k_pool: torch.Tensor, v_pool: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+                cache: LayerKV) -> torch.Tensor:
+        n = batch.num_prefill_precision_tokens
+        q, k, v = self.qkv_proj(x, n).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)      # (num_tokens, heads, head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)   # (num_tokens, kv_heads, head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        out = paged_attention(q, k, v, k_pool, v_pool, batch, self.head_dim ** -0.5)
-        return self.o_proj(out.reshape(-1, self.q_size))
+        out = paged_attention(q, k, v, cache, batch, self.head_dim ** -0.5)
+        return self.o_proj(out.reshape(-1, self.q_size), n)
 
 
 class MLP(nn.Module):
@@ -105,12 +107,12 @@ class MLP(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_up_proj = PhaseLinear(config.hidden_size, 2 * config.intermediate_size)
+        self.down_proj = PhaseLinear(config.intermediate_size, config.hidden_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+    def forward(self, x: torch.Tensor, num_prefill_rows: int) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x, num_prefill_rows).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up, num_prefill_rows)
 
 
 class DecoderLayer(nn.Module):
@@ -124,9 +126,9 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch: Batch,
-                k_pool: torch.Tensor, v_pool: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, batch, k_pool, v_pool)
-        return x + self.mlp(self.post_attention_layernorm(x))
+                cache: LayerKV) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, batch, cache)
+        return x + self.mlp(self.post_attention_layernorm(x), batch.num_prefill_precision_tokens)
 
 
 class Qwen3ForCausalLM(nn.Module):
@@ -156,6 +158,15 @@ class Qwen3ForCausalLM(nn.Module):
         model.rope.reset()
         return model.eval()
 
+    def use_prefill_precision(self, mode: str, keep_decode_weights: bool = True) -> None:
+        """Adds a W8A8 copy of every decoder linear for prefill rows ('bf16': nothing to add).
+        lm_head stays in the model's dtype: it runs on one row per sequence."""
+        if mode == "bf16":
+            return
+        for module in self.modules():
+            if isinstance(module, PhaseLinear):
+                module.add_prefill_copy(mode, keep_decode_weights)
+
     def init_random_(self, seed: int = 0, std: float = 0.02) -> None:
         """Random weights for benchmarks at real shapes; norms start at one."""
         gen = torch.Generator(self.embed_tokens.weight.device).manual_seed(seed)
@@ -170,8 +181,8 @@ class Qwen3ForCausalLM(nn.Module):
         """Returns float32 logits (len(batch.logits_indices), vocab_size)."""
         x = self.embed_tokens(batch.input_ids)  # (num_tokens, hidden)
         rope = self.rope(batch.positions, x.dtype)
-        for layer, k_pool, v_pool in zip(self.layers, kv_cache.k, kv_cache.v):
-            x = layer(x, rope, batch, k_pool, v_pool)
+        for layer, cache in zip(self.layers, kv_cache.layers):
+            x = layer(x, rope, batch, cache)
         x = self.norm(x[batch.logits_indices])
         return self.lm_head(x).float()
 

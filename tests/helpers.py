@@ -6,6 +6,7 @@ import torch
 
 from hma.config import EngineConfig, ModelConfig
 from hma.kv_cache import KVCache
+from hma.kv_formats import get_kv_format
 from hma.qwen3 import Qwen3ForCausalLM
 
 TINY = dict(vocab_size=257, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
@@ -40,11 +41,11 @@ def hma_model_from_hf(hf_model) -> Qwen3ForCausalLM:
     return model
 
 
-def engine_from_hf(hf_model, num_blocks: int = 256, block_size: int = 4, **config):
+def engine_from_hf(hf_model, num_blocks: int = 256, block_size: int = 4, kv_dtype: str = "fp32", **config):
     """An engine over hf_model's weights with a small paged cache."""
     from hma.engine import LLMEngine
 
     model = hma_model_from_hf(hf_model)
-    cache = KVCache(model.config, num_blocks, block_size, torch.float32, "cpu")
+    cache = KVCache(model.config, num_blocks, block_size, get_kv_format(kv_dtype), "cpu")
     engine_config = EngineConfig(block_size=block_size, device="cpu", **config)
     return LLMEngine(model, cache, engine_config, eos_token_ids=[])

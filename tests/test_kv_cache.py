@@ -4,6 +4,7 @@ import torch
 from hma.config import qwen3_shape
 from hma.errors import RequestTooLargeError
 from hma.kv_cache import BlockAllocator, KVCache, blocks_for, bytes_per_block
+from hma.kv_formats import get_kv_format
 from hma.request import Request
 from hma.sampling import SamplingParams
 from hma.scheduler import Scheduler
@@ -23,9 +24,9 @@ def test_allocator_is_all_or_nothing_and_frees_back():
 
 def test_pool_bytes_match_the_budget_arithmetic():
     cfg = qwen3_shape("qwen3-0.6b")
-    per_block = bytes_per_block(cfg, 16, torch.bfloat16)
+    per_block = bytes_per_block(cfg, 16, get_kv_format("bf16"))
     assert per_block == 2 * 28 * 16 * 8 * 128 * 2
-    cache = KVCache(cfg, 3, 16, torch.bfloat16, "meta")
+    cache = KVCache(cfg, 3, 16, get_kv_format("bf16"), "meta")
     assert cache.nbytes == 3 * per_block and cache.num_tokens == 48
 
 

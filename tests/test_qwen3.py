@@ -5,9 +5,11 @@ from hma.batch import Batch, SeqChunk
 from hma.config import ModelConfig
 from hma.errors import UnsupportedModelError
 from hma.kv_cache import KVCache, blocks_for
+from hma.kv_formats import get_kv_format
 from tests.helpers import hma_model_from_hf, tiny_hf_model
 
 BLOCK_SIZE = 4
+FP32 = get_kv_format("fp32")
 PROMPT_LENS = [7, 1, 13, 4]
 
 
@@ -32,7 +34,7 @@ def _allocate(prompts, total_lens):
 def test_prefill_then_decode_logits_match_transformers(architecture, tie):
     hf = tiny_hf_model(architecture, tie)
     model = hma_model_from_hf(hf)
-    cache = KVCache(model.config, 64, BLOCK_SIZE, torch.float32, "cpu")
+    cache = KVCache(model.config, 64, BLOCK_SIZE, FP32, "cpu")
     prompts = _prompts(model.config.vocab_size)
     next_tokens = [[3, 17, 250] for _ in prompts]
     tables = _allocate(prompts, [len(p) + 3 for p in prompts])
@@ -59,7 +61,7 @@ def test_prefill_then_decode_logits_match_transformers(architecture, tie):
 def test_mixed_batch_of_prefills_and_decodes_matches_transformers():
     hf = tiny_hf_model("Qwen3ForCausalLM")
     model = hma_model_from_hf(hf)
-    cache = KVCache(model.config, 64, BLOCK_SIZE, torch.float32, "cpu")
+    cache = KVCache(model.config, 64, BLOCK_SIZE, FP32, "cpu")
     a, b = _prompts(model.config.vocab_size)[:2]
     ta, tb = _allocate([a, b], [len(a) + 1, len(b)])
     model(Batch.build([SeqChunk(a, 0, ta)], [], BLOCK_SIZE, "cpu"), cache)
@@ -79,7 +81,7 @@ def test_chunk_over_cached_context_matches_transformers():
     """A multi-token chunk after cached tokens (teacher-forced scoring) reads its context from blocks."""
     hf = tiny_hf_model("LlamaForCausalLM")
     model = hma_model_from_hf(hf)
-    cache = KVCache(model.config, 64, BLOCK_SIZE, torch.float32, "cpu")
+    cache = KVCache(model.config, 64, BLOCK_SIZE, FP32, "cpu")
     seq = _prompts(model.config.vocab_size)[2]  # 13 tokens: 6 cached, then 7 more
     (table,) = _allocate([seq], [len(seq)])
     model(Batch.build([SeqChunk(seq[:6], 0, table)], [], BLOCK_SIZE, "cpu"), cache)

@@ -21,7 +21,7 @@ import torch
 
 from hma.batch import Batch, SeqChunk
 from hma.config import QWEN3_SHAPES, ModelConfig, qwen3_shape
-from hma.engine import resolve_device, resolve_dtype
+from hma.engine import resolve_device, resolve_dtype, resolve_kv_format
 from hma.kv_cache import KVCache, blocks_for
 from hma.qwen3 import Qwen3ForCausalLM
 
@@ -135,7 +135,8 @@ def main(argv: list[str] | None = None) -> dict:
     longest = max(args.prompt_len, args.context_len)
     model = Qwen3ForCausalLM.create(config, dtype, device, max_positions=longest + 1)
     model.init_random_()
-    cache = KVCache(config, max(batch_sizes) * blocks_for(longest, BLOCK_SIZE), BLOCK_SIZE, dtype, device)
+    cache = KVCache(config, max(batch_sizes) * blocks_for(longest, BLOCK_SIZE), BLOCK_SIZE,
+                    resolve_kv_format("auto", dtype), device)
 
     rows = []
     print(HEADER)
