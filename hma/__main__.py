@@ -40,7 +40,13 @@ def _fetch_demo_model(args: argparse.Namespace) -> None:
 def _bench(args: argparse.Namespace) -> None:
     import importlib
 
-    importlib.import_module(f"hma.bench.{args.name}").main(args.bench_args)
+    importlib.import_module(f"hma.bench.{args.name}").main(args.extra)
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from hma.eval import main
+
+    main(args.extra)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -59,10 +65,13 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.set_defaults(run=_generate)
 
-    bench = commands.add_parser("bench", help="run a benchmark: speed", add_help=False)
-    bench.add_argument("name", choices=["speed"])
-    bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="the benchmark's own flags")
+    bench = commands.add_parser("bench", help="run a benchmark: speed, prefill", add_help=False)
+    bench.add_argument("name", choices=["speed", "prefill"])
     bench.set_defaults(run=_bench)
+
+    quality = commands.add_parser("eval", help="quality of prefill precisions and KV formats",
+                                  add_help=False)
+    quality.set_defaults(run=_eval)
 
     fetch = commands.add_parser("fetch-demo-model", help="download and convert SmolLM2-135M-Instruct")
     fetch.add_argument("--force", action="store_true", help="convert again even if cached")
@@ -71,7 +80,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    # bench and eval take their own flags, which their own parsers read from what is left over.
+    args, args.extra = parser.parse_known_args(argv)
+    if args.extra and args.command not in ("bench", "eval"):
+        parser.error(f"unrecognized arguments: {' '.join(args.extra)}")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         args.run(args)

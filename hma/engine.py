@@ -72,24 +72,11 @@ class LLMEngine:
     @classmethod
     def from_config(cls, config: EngineConfig) -> LLMEngine:
         """Loads checkpoint, tokenizer and weights, then sizes the KV cache from what memory is left."""
-        t0 = time.perf_counter()
         device = resolve_device(config.device)
         dtype = resolve_dtype(config.dtype, device)
-        path = resolve_model_path(config.model)
-        model_config = ModelConfig.from_dict(load_config_dict(path))
-        tokenizer = load_tokenizer(path)
-        max_positions = min(config.max_model_len or model_config.max_position_embeddings,
-                            model_config.max_position_embeddings)
-        model = Qwen3ForCausalLM.create(model_config, dtype, device, max_positions)
-        model.load_weights(iter_safetensors(path, device=device, dtype=dtype))
-        model.use_prefill_precision(config.prefill_dtype)
-        log.info("loaded %s (%s, %s on %s) in %.1f s", path.name, model_config.architecture,
-                 dtype, device, time.perf_counter() - t0)
-        kv_cache = make_kv_cache(model_config, config, dtype, device)
-        eos = set(model_config.eos_token_ids) | _generation_eos(path)
-        if tokenizer.eos_token_id is not None:
-            eos.add(tokenizer.eos_token_id)
-        return cls(model, kv_cache, config, tokenizer, sorted(eos))
+        model, tokenizer, eos_ids = load_model(config, device, dtype)
+        kv_cache = make_kv_cache(model.config, config, dtype, device)
+        return cls(model, kv_cache, config, tokenizer, eos_ids)
 
     def add_request(self, prompt: Prompt, params: SamplingParams,
                     request_id: str | None = None) -> Request:
@@ -174,6 +161,26 @@ class LLMEngine:
         if not all(isinstance(t, int) for t in prompt):
             raise InvalidRequestError("prompt token ids must be integers")
         return list(prompt), None
+
+
+def load_model(config: EngineConfig, device: torch.device,
+               dtype: torch.dtype) -> tuple[Qwen3ForCausalLM, object, list[int]]:
+    """The checkpoint's model (with its prefill-precision copy), tokenizer and EOS token ids."""
+    t0 = time.perf_counter()
+    path = resolve_model_path(config.model)
+    model_config = ModelConfig.from_dict(load_config_dict(path))
+    tokenizer = load_tokenizer(path)
+    max_positions = min(config.max_model_len or model_config.max_position_embeddings,
+                        model_config.max_position_embeddings)
+    model = Qwen3ForCausalLM.create(model_config, dtype, device, max_positions)
+    model.load_weights(iter_safetensors(path, device=device, dtype=dtype))
+    model.use_prefill_precision(config.prefill_dtype)
+    log.info("loaded %s (%s, %s on %s, prefill %s) in %.1f s", path.name, model_config.architecture,
+             dtype, device, config.prefill_dtype, time.perf_counter() - t0)
+    eos = set(model_config.eos_token_ids) | _generation_eos(path)
+    if tokenizer.eos_token_id is not None:
+        eos.add(tokenizer.eos_token_id)
+    return model, tokenizer, sorted(eos)
 
 
 def resolve_kv_format(name: str, dtype: torch.dtype) -> KVFormat:

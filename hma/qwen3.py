@@ -159,13 +159,11 @@ class Qwen3ForCausalLM(nn.Module):
         return model.eval()
 
     def use_prefill_precision(self, mode: str, keep_decode_weights: bool = True) -> None:
-        """Adds a W8A8 copy of every decoder linear for prefill rows ('bf16': nothing to add).
-        lm_head stays in the model's dtype: it runs on one row per sequence."""
-        if mode == "bf16":
-            return
+        """Gives every decoder linear a W8A8 copy for prefill rows ('bf16': none, the float weight
+        serves both phases). lm_head stays in the model's dtype: it runs on one row per sequence."""
         for module in self.modules():
             if isinstance(module, PhaseLinear):
-                module.add_prefill_copy(mode, keep_decode_weights)
+                module.set_prefill_precision(mode, keep_decode_weights)
 
     def init_random_(self, seed: int = 0, std: float = 0.02) -> None:
         """Random weights for benchmarks at real shapes; norms start at one."""

@@ -1,10 +1,11 @@
 import pytest
 import torch
 
-from hma.config import qwen3_shape
+from hma.config import EngineConfig, ModelConfig, qwen3_shape
+from hma.engine import make_kv_cache
 from hma.errors import RequestTooLargeError
 from hma.kv_cache import BlockAllocator, KVCache, blocks_for, bytes_per_block
-from hma.kv_formats import get_kv_format
+from hma.kv_formats import KV_FORMATS, SCALE_DTYPE, get_kv_format
 from hma.request import Request
 from hma.sampling import SamplingParams
 from hma.scheduler import Scheduler
@@ -67,3 +68,31 @@ def test_prompt_over_the_token_budget_still_runs_alone():
     sched.add(big)
     assert sched.schedule().prefills == [big]
     assert len(big.block_ids) == blocks_for(9, 4) == 3
+
+
+DEMO_SHAPE = ModelConfig(architecture="LlamaForCausalLM", vocab_size=49152, hidden_size=576,
+                         intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, head_dim=64)
+
+
+@pytest.mark.parametrize("name", list(KV_FORMATS))
+def test_each_format_allocates_exactly_its_bytes_per_token(name):
+    fmt = get_kv_format(name)
+    cache = KVCache(DEMO_SHAPE, 5, 16, fmt, "meta")
+    per_token = fmt.bytes_per_token(DEMO_SHAPE.num_key_value_heads, DEMO_SHAPE.head_dim)
+    assert cache.nbytes == 5 * 16 * 2 * DEMO_SHAPE.num_hidden_layers * per_token
+    assert cache.nbytes == 5 * bytes_per_block(DEMO_SHAPE, 16, fmt)
+    layer = cache.layers[0]
+    assert layer.k.dtype == fmt.payload_dtype and layer.k_scales.dtype == SCALE_DTYPE
+
+
+@pytest.mark.parametrize("shape", [DEMO_SHAPE, qwen3_shape("qwen3-4b")], ids=["demo", "qwen3-4b"])
+def test_same_budget_holds_more_tokens_in_smaller_formats(shape):
+    def tokens(kv_dtype: str) -> int:
+        config = EngineConfig(kv_dtype=kv_dtype, kv_memory_gb=0.5, block_size=16)
+        return make_kv_cache(shape, config, torch.bfloat16, torch.device("meta")).num_tokens
+
+    bf16 = tokens("bf16")
+    assert tokens("fp8") >= 1.9 * bf16 and tokens("int8") >= 1.9 * bf16
+    assert tokens("int4") >= 3.0 * bf16
+    assert tokens("bfp8") >= 1.75 * bf16  # its float16 exponents cost 2 bytes per 16 values

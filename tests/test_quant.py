@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from hma.errors import InvalidRequestError
-from hma.quant import (QUANT_MODES, QuantizedLinear, _why_not_fused, dequantize_blocks, quantize_blocks,
+from hma.quant import (QUANT_MODES, PhaseLinear, QuantizedLinear, _why_not_fused, dequantize_blocks, quantize_blocks,
                        quantize_rows)
 
 NUM_TOKENS, IN_FEATURES, OUT_FEATURES = 37, 256, 192
@@ -161,3 +161,21 @@ def test_fused_kernel_matches_reference_path_on_gpu(mode, num_tokens):
     y = layer(x)
     assert y.shape == (num_tokens, OUT_FEATURES) and y.dtype == torch.bfloat16
     assert rel_err(y, layer.forward_reference(x)) < 1e-2
+
+
+def test_phase_linear_sends_prefill_rows_to_the_8bit_copy_and_the_rest_to_float():
+    torch.manual_seed(0)
+    layer = PhaseLinear(64, 48)
+    layer.weight.data.normal_()
+    x = torch.randn(10, 64)
+    float_out = torch.nn.functional.linear(x, layer.weight)
+    layer.set_prefill_precision("int8")
+    out = layer(x, 4)
+    torch.testing.assert_close(out[:4], layer.prefill(x[:4]))
+    torch.testing.assert_close(out[4:], float_out[4:])
+    assert not torch.allclose(out[:4], float_out[:4])
+    layer.set_prefill_precision("int8", keep_decode_weight=False)
+    assert layer.weight is None
+    torch.testing.assert_close(layer(x, 10), layer.prefill(x))
+    with pytest.raises(RuntimeError, match="only prefill weights"):
+        layer(x, 4)

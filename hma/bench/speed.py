@@ -45,7 +45,7 @@ def median_seconds(fn: Callable[[], object], device: torch.device, iters: int, w
     return statistics.median(times)
 
 
-def _chunks(batch_size: int, prompt_len: int, vocab: int, context: int = 0) -> list[SeqChunk]:
+def chunks(batch_size: int, prompt_len: int, vocab: int, context: int = 0) -> list[SeqChunk]:
     """batch_size sequences laid over consecutive blocks; decode chunks bring one token."""
     per_seq = blocks_for(context + prompt_len, BLOCK_SIZE)
     gen = torch.Generator().manual_seed(0)
@@ -56,8 +56,8 @@ def _chunks(batch_size: int, prompt_len: int, vocab: int, context: int = 0) -> l
 def bench_hma(model: Qwen3ForCausalLM, cache: KVCache, batch_size: int, prompt_len: int,
               context_len: int, device: torch.device, iters: int) -> dict[str, float]:
     vocab = model.config.vocab_size
-    prefill = Batch.build(_chunks(batch_size, prompt_len, vocab), [], BLOCK_SIZE, device)
-    decode = Batch.build([], _chunks(batch_size, 1, vocab, context_len - 1), BLOCK_SIZE, device)
+    prefill = Batch.build(chunks(batch_size, prompt_len, vocab), [], BLOCK_SIZE, device)
+    decode = Batch.build([], chunks(batch_size, 1, vocab, context_len - 1), BLOCK_SIZE, device)
     t_prefill = median_seconds(lambda: model(prefill, cache), device, iters)
     t_decode = median_seconds(lambda: model(decode, cache), device, iters)
     return {"prefill_s": t_prefill, "prefill_tok_s": batch_size * prompt_len / t_prefill,

@@ -1,0 +1,51 @@
+import pytest
+import torch
+
+from hma.attention import gather_kv, paged_attention, write_kv
+from hma.batch import Batch, SeqChunk
+from hma.kv_cache import LayerKV
+from hma.kv_formats import KV_FORMATS, get_kv_format
+
+HEADS, KV_HEADS, HEAD_DIM, BLOCK = 4, 2, 64, 4
+
+
+def _layer(name: str, num_blocks: int = 16) -> LayerKV:
+    return LayerKV.empty(get_kv_format(name), num_blocks, BLOCK, KV_HEADS, HEAD_DIM, "cpu")
+
+
+@pytest.mark.parametrize("name", list(KV_FORMATS))
+def test_cache_keeps_the_raw_payload_and_dequantizes_only_when_read(name):
+    fmt = get_kv_format(name)
+    layer = _layer(name)
+    k, v = torch.randn(2, 6, KV_HEADS, HEAD_DIM).unbind(0)
+    slots = torch.tensor([9, 10, 11, 12, 13, 2])  # crosses from block 2 into 3, then block 0
+    write_kv(layer, k, v, slots)
+    payload, scales = fmt.quantize(k)
+    assert torch.equal(layer.k.flatten(0, 1)[slots].view(torch.uint8), payload.view(torch.uint8))
+    assert torch.equal(layer.k_scales.flatten(0, 1)[slots], scales)
+    keys, values = gather_kv(layer, torch.tensor([[2, 3, 0]]), torch.float32)
+    torch.testing.assert_close(keys[0, 1:6], fmt.dequantize(payload, scales, torch.float32)[:5])
+    torch.testing.assert_close(values[0, 2 * BLOCK + 2], fmt.dequantize(*fmt.quantize(v[5]), torch.float32))
+
+
+@pytest.mark.parametrize("name, bound", [("bf16", 0.01), ("fp8", 0.05), ("int8", 0.015),
+                                         ("int4", 0.12), ("bfp8", 0.015)])
+def test_decode_attention_over_quantized_blocks_stays_close_to_float(name, bound):
+    gen = torch.Generator().manual_seed(0)
+    lens = [13, 5, 9]
+    tables = [[0, 1, 2, 3], [4, 5], [6, 7, 8]]
+    outs = {}
+    for fmt in ("fp32", name):
+        layer = _layer(fmt)
+        gen.manual_seed(0)
+        chunks = []
+        for n, table in zip(lens, tables):
+            k, v = torch.randn(2, n - 1, KV_HEADS, HEAD_DIM, generator=gen).unbind(0)
+            slots = torch.tensor([table[p // BLOCK] * BLOCK + p % BLOCK for p in range(n - 1)])
+            write_kv(layer, k, v, slots)
+            chunks.append(SeqChunk([0], n - 1, table))
+        batch = Batch.build([], chunks, BLOCK, "cpu")
+        q, k, v = (torch.randn(3, h, HEAD_DIM, generator=gen) for h in (HEADS, KV_HEADS, KV_HEADS))
+        outs[fmt] = paged_attention(q, k, v, layer, batch, HEAD_DIM ** -0.5)
+    error = (outs[name] - outs["fp32"]).norm() / outs["fp32"].norm()
+    assert 0 < error < bound
