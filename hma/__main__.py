@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         args.run(args)
-    except HMAError as exc:
+    except (HMAError, ValueError) as exc:  # bad flags or input: one line, not a traceback
         sys.exit(f"error: {exc}")
 
 

@@ -13,6 +13,10 @@ class HMAError(Exception):
     status = 500
     code = "internal_error"
 
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param  # the request field at fault: OpenAI's error `param`
+
 
 class ModelNotFoundError(HMAError):
     """The named model is neither the demo, a local folder, nor reachable on the hub."""
@@ -47,3 +51,10 @@ class InvalidRequestError(HMAError):
 
     status = 400
     code = "invalid_request_error"
+
+
+class ProtocolError(HMAError):
+    """A peer sent bytes that are not a valid frame or message; its connection is closed."""
+
+    status = 400
+    code = "protocol_error"

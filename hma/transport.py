@@ -1,0 +1,166 @@
+"""asyncio TCP between hosts: the authenticated handshake, then frames both ways on one Connection.
+
+Handshake, both sides at once: send Hello; read the peer's Hello and check it (protocol version,
+model fingerprint, a role this side talks to); send HelloProof over the peer's nonce; read and
+check the peer's proof. Any mismatch is answered with HelloReject and the connection closed,
+so both sides log the same reason. Every read and drain has a timeout; a frame that fails to
+decode ends its connection (the stream can no longer be trusted), never the process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from hma.errors import HMAError, ProtocolError
+from hma.wire import (CHECKSUM_SIZE, DEFAULT_MAX_PAYLOAD_BYTES, FRAME_PREFIX_SIZE, PROTOCOL_VERSION,
+                      Hello, HelloProof, HelloReject, Message, check_proof, decode_body, encode,
+                      make_proof, parse_prefix)
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT_S = 10.0
+HANDSHAKE_TIMEOUT_S = 10.0
+READ_TIMEOUT_S = 60.0    # a KV stream silent this long is dead
+DRAIN_TIMEOUT_S = 60.0   # a peer that stops reading this long is dead (back-pressure bound)
+
+# Who may talk to whom: a prefill host pushes KV to decode hosts; the router talks to both.
+PEERS = {"prefill": {"decode", "router"}, "decode": {"prefill", "router"}, "router": {"prefill", "decode"}}
+
+
+class HandshakeError(HMAError):
+    """The peer is not one this host may talk to: wrong secret, model, version or role."""
+
+    status = 502
+    code = "handshake_failed"
+
+
+@dataclass(slots=True)
+class Connection:
+    """One authenticated TCP connection carrying wire frames."""
+
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    peer: Hello
+    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
+    bytes_sent: int = 0
+
+    @property
+    def peer_name(self) -> str:
+        host, port = self.writer.get_extra_info("peername")[:2]
+        return f"{self.peer.role}@{host}:{port}"
+
+    async def send(self, msg: Message) -> None:
+        """Writes one frame, then waits while the peer's buffer is full (back-pressure)."""
+        self.bytes_sent += await _send(self.writer, msg)
+
+    async def recv(self, timeout: float | None = READ_TIMEOUT_S) -> Message:
+        """Reads one frame; raises ProtocolError (bad frame), TimeoutError or IncompleteReadError."""
+        return await asyncio.wait_for(_recv(self.reader, self.max_payload_bytes), timeout)
+
+    async def close(self) -> None:
+        self.writer.close()
+        try:
+            await asyncio.wait_for(self.writer.wait_closed(), 1.0)
+        except (OSError, TimeoutError):
+            pass  # the peer is gone already; nothing is left to release
+
+
+async def _send(writer: asyncio.StreamWriter, msg: Message) -> int:
+    """Writes one frame and waits for the peer to take it; returns its size in bytes."""
+    buffers = encode(msg)
+    writer.writelines(buffers)
+    await asyncio.wait_for(writer.drain(), DRAIN_TIMEOUT_S)
+    return sum(memoryview(b).nbytes for b in buffers)
+
+
+async def _recv(reader: asyncio.StreamReader, max_payload_bytes: int) -> Message:
+    prefix = await reader.readexactly(FRAME_PREFIX_SIZE)
+    header_len, payload_len = parse_prefix(prefix, max_payload_bytes)  # limits before allocating
+    body = await reader.readexactly(header_len + payload_len + CHECKSUM_SIZE)
+    return decode_body(body, header_len, payload_len)
+
+
+async def handshake(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, hello: Hello,
+                    secret: bytes, max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> Connection:
+    """Runs the mutual HMAC handshake; returns the Connection or raises HandshakeError."""
+    async def exchange() -> Hello:
+        await _send(writer, hello)
+        peer = await _expect(reader, Hello)
+        reason = _incompatibility(hello, peer)
+        if reason:
+            await _reject(writer, reason)
+        await _send(writer, HelloProof(make_proof(secret, hello, peer)))
+        proof = await _expect(reader, HelloProof)
+        if not check_proof(secret, hello, peer, proof.mac):
+            await _reject(writer, "the peer's proof does not match: a different shared secret")
+        return peer
+
+    peer = await asyncio.wait_for(exchange(), HANDSHAKE_TIMEOUT_S)
+    return Connection(reader, writer, peer, max_payload_bytes)
+
+
+async def _expect(reader: asyncio.StreamReader, kind: type) -> Message:
+    msg = await _recv(reader, DEFAULT_MAX_PAYLOAD_BYTES)
+    if isinstance(msg, HelloReject):
+        raise HandshakeError(f"the peer refused us: {msg.reason}")
+    if not isinstance(msg, kind):
+        raise HandshakeError(f"expected {kind.TYPE} during the handshake, got {msg.TYPE}")
+    return msg
+
+
+async def _reject(writer: asyncio.StreamWriter, reason: str) -> None:
+    """Tells the peer why, then raises so the caller closes the connection."""
+    try:
+        await _send(writer, HelloReject(reason))
+    except (OSError, TimeoutError):
+        pass  # the peer may have hung up first; our own error below still says why
+    raise HandshakeError(reason)
+
+
+def _incompatibility(mine: Hello, peer: Hello) -> str:
+    """Why this peer cannot be served, or '' if it can. KV formats and block sizes may differ:
+    KV travels per token range in a format named by the sender, which every decode host reads."""
+    if peer.version != PROTOCOL_VERSION:
+        return f"protocol version {peer.version}, this host speaks {PROTOCOL_VERSION}"
+    if peer.role not in PEERS[mine.role]:
+        return f"a {mine.role} host does not talk to a {peer.role} host"
+    if peer.model_fingerprint != mine.model_fingerprint:
+        return (f"model fingerprint {peer.model_fingerprint[:12]} differs from this host's "
+                f"{mine.model_fingerprint[:12]}: the hosts serve different models")
+    return ""
+
+
+async def connect(host: str, port: int, hello: Hello, secret: bytes,
+                  max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> Connection:
+    """Opens and authenticates a connection; closes the socket if the handshake fails."""
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), CONNECT_TIMEOUT_S)
+    try:
+        return await handshake(reader, writer, hello, secret, max_payload_bytes)
+    except BaseException:
+        writer.close()
+        raise
+
+
+async def serve(host: str, port: int, hello_factory: Callable[[], Hello], secret: bytes,
+                on_connection: Callable[[Connection], Awaitable[None]],
+                max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> asyncio.Server:
+    """Listens; each accepted peer is authenticated, then handed to on_connection, and its
+    socket is closed when on_connection returns or fails, whatever the reason."""
+    async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        address = writer.get_extra_info("peername")
+        try:
+            conn = await handshake(reader, writer, hello_factory(), secret, max_payload_bytes)
+        except (HandshakeError, ProtocolError, TimeoutError, asyncio.IncompleteReadError, OSError) as exc:
+            log.warning("refused peer=%s reason=%s", address, exc or type(exc).__name__)
+            writer.close()
+            return
+        log.info("connected peer=%s", conn.peer_name)
+        try:
+            await on_connection(conn)
+        finally:
+            await conn.close()
+
+    return await asyncio.start_server(accept, host, port)

@@ -1,0 +1,90 @@
+import asyncio
+
+import pytest
+import torch
+
+from hma.transport import HandshakeError, connect, serve
+from hma.wire import FirstToken, KVLayer, encode_bytes, make_hello
+
+SECRET = b"s3cret"
+
+
+async def _server(received: list, secret: bytes = SECRET, fingerprint: str = "model-a", role: str = "decode"):
+    async def on_connection(conn):
+        try:
+            while True:
+                received.append(await conn.recv(timeout=5))
+        except Exception as exc:  # the test inspects what ended the connection
+            received.append(exc)
+
+    server = await serve("127.0.0.1", 0, lambda: make_hello(role, fingerprint, "int8", 16), secret, on_connection)
+    return server, server.sockets[0].getsockname()[1]
+
+
+def _kv_layer() -> KVLayer:
+    k = torch.randint(-127, 127, (300, 8, 128), dtype=torch.int8)
+    scales = torch.rand(300, 8, 1).half()
+    return KVLayer("r1", 3, 0, 300, k, scales, k.flip(0), scales.flip(0))
+
+
+async def test_authenticated_peers_exchange_kv_frames_bit_exact():
+    received = []
+    server, port = await _server(received)
+    conn = await connect("127.0.0.1", port, make_hello("prefill", "model-a", "fp8", 4), SECRET)
+    msg = _kv_layer()
+    await conn.send(msg)
+    await conn.send(FirstToken("r1", 42))
+    assert conn.bytes_sent == len(encode_bytes(msg)) + len(encode_bytes(FirstToken("r1", 42)))
+    await conn.close()
+    await asyncio.sleep(0.2)
+    server.close()
+    got = received[0]
+    assert torch.equal(got.k, msg.k) and torch.equal(got.v_scales, msg.v_scales)
+    assert received[1] == FirstToken("r1", 42)
+    assert isinstance(received[2], asyncio.IncompleteReadError)  # clean close ends the loop
+
+
+@pytest.mark.parametrize("secret, fingerprint, role, reason", [
+    (b"wrong", "model-a", "prefill", "secret"),
+    (SECRET, "model-b", "prefill", "fingerprint"),
+    (SECRET, "model-a", "decode", "does not talk to"),
+])
+async def test_mismatched_peers_are_refused_on_both_sides_with_the_reason(secret, fingerprint, role, reason, caplog):
+    received = []
+    server, port = await _server(received)
+    with pytest.raises(HandshakeError, match=reason):
+        await connect("127.0.0.1", port, make_hello(role, fingerprint, "fp8", 16), secret)
+    await asyncio.sleep(0.1)
+    server.close()
+    assert received == []  # nothing got past the handshake
+    assert any(reason in r.getMessage() for r in caplog.records if "refused" in r.getMessage())
+
+
+async def test_a_corrupt_frame_drops_only_that_connection():
+    received = []
+    server, port = await _server(received)
+    bad = await connect("127.0.0.1", port, make_hello("prefill", "model-a", "fp8", 16), SECRET)
+    frame = bytearray(encode_bytes(FirstToken("r1", 7)))
+    frame[-6] ^= 0xFF  # inside the header: the checksum no longer matches
+    bad.writer.write(bytes(frame))
+    await bad.writer.drain()
+    good = await connect("127.0.0.1", port, make_hello("prefill", "model-a", "fp8", 16), SECRET)
+    await good.send(FirstToken("r2", 8))
+    await asyncio.sleep(0.2)
+    assert await bad.reader.read() == b""  # the server hung up on the corrupt peer
+    await good.close()
+    await asyncio.sleep(0.1)
+    server.close()
+    kinds = [type(r).__name__ for r in received]
+    assert "ProtocolError" in kinds and FirstToken("r2", 8) in received
+
+
+async def test_a_silent_peer_times_out_the_handshake(monkeypatch):
+    import hma.transport as transport
+
+    monkeypatch.setattr(transport, "HANDSHAKE_TIMEOUT_S", 0.3)
+    listener = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)  # accepts, never answers
+    port = listener.sockets[0].getsockname()[1]
+    with pytest.raises(TimeoutError):
+        await connect("127.0.0.1", port, make_hello("prefill", "model-a", "fp8", 16), SECRET)
+    listener.close()
