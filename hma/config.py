@@ -129,6 +129,9 @@ class EngineConfig:
                                                               "(default: bfloat16 on cuda, float32 on cpu)"})
     prefill_dtype: str = field(default="bf16", metadata={
         "help": "prefill precision (W8A8): bf16 (the model's own dtype, unquantized) | fp8 | int8 | bfp8"})
+    smoothquant_alpha: float = field(default=0.0, metadata={
+        "help": "SmoothQuant strength for 8-bit prefill, e.g. 0.5, calibrated at load on a built-in "
+                "text; 0 turns it off"})
     kv_dtype: str = field(default="auto", metadata={
         "help": "KV cache format: auto (the model's dtype) | bf16 | fp16 | fp32 | fp8 | int8 | int4 | bfp8"})
     kv_memory_gb: float | None = field(default=None, metadata={"help": "KV cache budget in GB"})
@@ -146,6 +149,8 @@ class EngineConfig:
             raise ValueError(f"prefill_dtype={self.prefill_dtype!r}; choose from {', '.join(PREFILL_DTYPES)}")
         if self.kv_dtype != "auto" and self.kv_dtype not in KV_FORMATS:
             raise ValueError(f"kv_dtype={self.kv_dtype!r}; choose from auto, {', '.join(KV_FORMATS)}")
+        if not 0 <= self.smoothquant_alpha <= 1:
+            raise ValueError(f"smoothquant_alpha={self.smoothquant_alpha} must be in [0, 1]")
         if self.block_size < 1:
             raise ValueError(f"block_size={self.block_size} must be at least 1")
         if self.kv_memory_gb is not None and self.kv_memory_gb <= 0:

@@ -22,7 +22,7 @@ from hma.batch import Batch, SeqChunk
 from hma.checkpoint import iter_safetensors, load_config_dict, load_tokenizer, resolve_model_path
 from hma.config import EngineConfig, ModelConfig
 from hma.errors import InvalidRequestError, RequestTooLargeError
-from hma.kv_cache import KVCache, bytes_per_block, kv_budget_bytes
+from hma.kv_cache import KVCache, blocks_for, bytes_per_block, kv_budget_bytes
 from hma.kv_formats import KVFormat, get_kv_format
 from hma.qwen3 import Qwen3ForCausalLM
 from hma.request import Request, RequestOutput, RequestStatus
@@ -174,13 +174,36 @@ def load_model(config: EngineConfig, device: torch.device,
                         model_config.max_position_embeddings)
     model = Qwen3ForCausalLM.create(model_config, dtype, device, max_positions)
     model.load_weights(iter_safetensors(path, device=device, dtype=dtype))
-    model.use_prefill_precision(config.prefill_dtype)
+    set_prefill_precision(model, tokenizer, config.prefill_dtype, config.smoothquant_alpha)
     log.info("loaded %s (%s, %s on %s, prefill %s) in %.1f s", path.name, model_config.architecture,
              dtype, device, config.prefill_dtype, time.perf_counter() - t0)
     eos = set(model_config.eos_token_ids) | _generation_eos(path)
     if tokenizer.eos_token_id is not None:
         eos.add(tokenizer.eos_token_id)
     return model, tokenizer, sorted(eos)
+
+
+# SmoothQuant calibration text: chat-formatted, varied, long enough to show the outlier channels,
+# which in these models sit in fixed channels whatever the input.
+CALIBRATION_MESSAGES = [
+    "Explain how a refrigerator keeps food cold, step by step, for a curious ten-year-old.",
+    "Write a short poem about the sea at night, then summarise it in one sentence.",
+    "def fibonacci(n):\n    # return the n-th Fibonacci number; fix the bug below\n    return n",
+    "What were the main causes of the French Revolution? Answer in three bullet points.",
+    "Translate into German and Spanish: 'The train to Lisbon leaves at 7:45 from platform 3.'",
+    "A shop sells 3 apples for $2. How much do 18 apples cost? Show your working.",
+]
+
+
+def set_prefill_precision(model: Qwen3ForCausalLM, tokenizer, mode: str, smoothquant_alpha: float) -> None:
+    """Gives the model its prefill-precision copy, calibrating SmoothQuant first if asked."""
+    input_amax = None
+    if smoothquant_alpha and mode != "bf16":
+        ids = [t for m in CALIBRATION_MESSAGES for t in apply_chat_template(tokenizer, [{"role": "user", "content": m}])]
+        fmt = resolve_kv_format("auto", next(model.parameters()).dtype)
+        cache = KVCache(model.config, blocks_for(len(ids), 16), 16, fmt, next(model.parameters()).device)
+        input_amax = model.input_amax(ids, cache)
+    model.use_prefill_precision(mode, input_amax=input_amax, alpha=smoothquant_alpha)
 
 
 def resolve_kv_format(name: str, dtype: torch.dtype) -> KVFormat:

@@ -22,7 +22,7 @@ import torch
 from hma.batch import Batch, SeqChunk
 from hma.config import EngineConfig
 from hma.engine import (LLMEngine, apply_chat_template, load_model, resolve_device, resolve_dtype,
-                        resolve_kv_format, run_to_completion)
+                        resolve_kv_format, run_to_completion, set_prefill_precision)
 from hma.kv_cache import KVCache, blocks_for
 from hma.qwen3 import Qwen3ForCausalLM
 from hma.sampling import SamplingParams
@@ -151,13 +151,13 @@ def _mc_items(tokenizer, path: Path, limit: int) -> list[dict]:
 
 
 def evaluate(model: Qwen3ForCausalLM, tokenizer, eos_ids: list[int], data: EvalData,
-             prefill_dtype: str, kv_dtype: str, chat_tokens: int) -> dict:
+             prefill_dtype: str, kv_dtype: str, chat_tokens: int, smoothquant_alpha: float = 0.0) -> dict:
     """Every metric for one (prefill_dtype, kv_dtype), with the raw scores the deltas need."""
-    model.use_prefill_precision(prefill_dtype)
+    set_prefill_precision(model, tokenizer, prefill_dtype, smoothquant_alpha)
     scorer = Scorer(model, kv_dtype)
     t0 = time.perf_counter()
     ppl_scores = torch.cat([conts[0] for conts in scorer.score(data.ppl_groups)])
-    result = {"prefill_dtype": prefill_dtype, "kv_dtype": kv_dtype,
+    result = {"prefill_dtype": prefill_dtype, "kv_dtype": kv_dtype, "smoothquant_alpha": smoothquant_alpha,
               "ppl": math.exp(-ppl_scores.mean().item()), "ppl_tokens": ppl_scores.numel(), "mc": {}}
     for name, items in data.mc_items.items():
         scores = scorer.score([item["group"] for item in items])
@@ -223,7 +223,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = []
     print(TABLE_HEADER)
     for prefill_dtype, kv_dtype in [REFERENCE] + [c for c in combos if c != REFERENCE]:
-        result = evaluate(model, tokenizer, eos_ids, data, prefill_dtype, kv_dtype, args.chat_tokens)
+        alpha = 0.0 if prefill_dtype == "bf16" else args.smoothquant_alpha
+        result = evaluate(model, tokenizer, eos_ids, data, prefill_dtype, kv_dtype, args.chat_tokens, alpha)
         reference = reference or result
         result["vs_reference"] = compare(result, reference)
         rows.append(result)
@@ -261,6 +262,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--prefill-dtype", default="bf16,fp8,int8,bfp8", help="comma-separated")
     parser.add_argument("--kv-dtype", default="bf16,fp8,int8,int4,bfp8", help="comma-separated")
+    parser.add_argument("--smoothquant-alpha", type=float, default=0.0,
+                        help="SmoothQuant strength for the 8-bit prefill rows (0: off)")
     parser.add_argument("--data-dir", type=Path, default=EVAL_DIR)
     parser.add_argument("--ppl-windows", type=int, default=64, help="WikiText-2 windows scored")
     parser.add_argument("--ppl-context", type=int, default=256, help="context tokens per window (prefill)")

@@ -92,6 +92,7 @@ class KVCache:
         self.layers = [LayerKV.empty(fmt, num_blocks, block_size, config.num_key_value_heads,
                                      config.head_dim, device) for _ in range(config.num_hidden_layers)]
         self.format = fmt
+        self.device = torch.device(device)
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.allocator = BlockAllocator(num_blocks)

@@ -72,7 +72,7 @@ class QuantizedLinear(nn.Module):
     .to(dtype), which would cast the fp8 weight and float32 scales along with the model.
     """
 
-    def __init__(self, weight: torch.Tensor, mode: str) -> None:
+    def __init__(self, weight: torch.Tensor, mode: str, smooth: torch.Tensor | None = None) -> None:
         super().__init__()
         if mode not in QUANT_MODES:
             raise InvalidRequestError(f"quant mode {mode!r} is not one of {', '.join(QUANT_MODES)} "
@@ -83,6 +83,10 @@ class QuantizedLinear(nn.Module):
         self.mode = mode
         self.out_features, self.in_features = weight.shape
         weight = weight.detach()
+        # SmoothQuant: x @ W.T == (x / s) @ (W * s).T; dividing by s tames outlier input channels.
+        self.register_buffer("inv_smooth", None if smooth is None else 1.0 / smooth.float())
+        if smooth is not None:
+            weight = weight.float() * smooth.float()
         if mode == "bfp8":
             mantissa, exponent = quantize_blocks(weight)
             self.register_buffer("qweight", mantissa)  # (out_features, in_features) int8
@@ -98,6 +102,8 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., in_features) in bf16, fp16 or fp32 -> (..., out_features) in x.dtype."""
         x2 = x.reshape(-1, self.in_features)  # (num_tokens, in_features)
+        if self.inv_smooth is not None:
+            x2 = (x2.float() * self.inv_smooth).to(x.dtype)
         reason = _why_not_fused(x2, self.mode, self.in_features, self.out_features)
         if reason is None:
             y = self._forward_fused(x2)
@@ -190,12 +196,13 @@ class PhaseLinear(nn.Module):
         self.weight: nn.Parameter | None = nn.Parameter(torch.empty(out_features, in_features))
         self.prefill: QuantizedLinear | None = None
 
-    def set_prefill_precision(self, mode: str, keep_decode_weight: bool = True) -> None:
-        """Quantizes the loaded weight for prefill ('bf16': prefill rows use the float weight);
-        without keep_decode_weight the float weight goes."""
+    def set_prefill_precision(self, mode: str, keep_decode_weight: bool = True,
+                              smooth: torch.Tensor | None = None) -> None:
+        """Quantizes the loaded weight for prefill ('bf16': prefill rows use the float weight),
+        SmoothQuant-scaled if smooth is given; without keep_decode_weight the float weight goes."""
         if self.weight is None:
             raise RuntimeError("the float weight was dropped; reload the model to change precision")
-        self.prefill = None if mode == "bf16" else QuantizedLinear(self.weight.data, mode)
+        self.prefill = None if mode == "bf16" else QuantizedLinear(self.weight.data, mode, smooth)
         if not keep_decode_weight and self.prefill is not None:
             self.weight = None
 
@@ -209,3 +216,10 @@ class PhaseLinear(nn.Module):
         if num_prefill_rows == 0:
             return F.linear(x, self.weight)
         return torch.cat([self.prefill(x[:num_prefill_rows]), F.linear(x[num_prefill_rows:], self.weight)])
+
+
+def smoothing_factors(input_amax: torch.Tensor, weight: torch.Tensor, alpha: float) -> torch.Tensor:
+    """SmoothQuant's per-input-channel s = amax(|x|)^alpha / amax(|W|)^(1 - alpha): it moves
+    outliers from the activations (quantized per token) into the weights (per output channel)."""
+    w_amax = weight.detach().float().abs().amax(dim=0).clamp_min(1e-5)  # (in_features,)
+    return (input_amax.float().clamp_min(1e-5) ** alpha / w_amax ** (1 - alpha)).clamp_min(1e-5)

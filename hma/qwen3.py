@@ -8,6 +8,7 @@ Weights load from Hugging Face names; q/k/v and gate/up are fused on load into o
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 
 import torch
@@ -15,11 +16,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from hma.attention import paged_attention
-from hma.batch import Batch
+from hma.batch import Batch, SeqChunk
 from hma.config import ModelConfig
 from hma.errors import CheckpointError
 from hma.kv_cache import KVCache, LayerKV
-from hma.quant import PhaseLinear
+from hma.quant import PhaseLinear, smoothing_factors
 
 
 class RMSNorm(nn.Module):
@@ -158,12 +159,37 @@ class Qwen3ForCausalLM(nn.Module):
         model.rope.reset()
         return model.eval()
 
-    def use_prefill_precision(self, mode: str, keep_decode_weights: bool = True) -> None:
+    def use_prefill_precision(self, mode: str, keep_decode_weights: bool = True,
+                              input_amax: dict[str, torch.Tensor] | None = None, alpha: float = 0.5) -> None:
         """Gives every decoder linear a W8A8 copy for prefill rows ('bf16': none, the float weight
-        serves both phases). lm_head stays in the model's dtype: it runs on one row per sequence."""
-        for module in self.modules():
+        serves both phases), SmoothQuant-scaled where calibrated input_amax is given. lm_head
+        stays in the model's dtype: it runs on one row per sequence."""
+        for name, module in self.named_modules():
             if isinstance(module, PhaseLinear):
-                module.set_prefill_precision(mode, keep_decode_weights)
+                smooth = None
+                if input_amax and mode != "bf16":
+                    smooth = smoothing_factors(input_amax[name], module.weight, alpha)
+                module.set_prefill_precision(mode, keep_decode_weights, smooth)
+
+    @torch.inference_mode()
+    def input_amax(self, token_ids: list[int], kv_cache: KVCache) -> dict[str, torch.Tensor]:
+        """Per-input-channel max |x| of every decoder linear over one float prefill of token_ids
+        (SmoothQuant's calibration); kv_cache needs blocks for len(token_ids) tokens."""
+        self.use_prefill_precision("bf16")
+        amax: dict[str, torch.Tensor] = {}
+
+        def record(name: str, module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+            amax[name] = args[0].abs().amax(dim=0).float()
+
+        hooks = [m.register_forward_hook(functools.partial(record, n))
+                 for n, m in self.named_modules() if isinstance(m, PhaseLinear)]
+        try:
+            blocks = list(range(kv_cache.num_blocks))
+            self(Batch.build([SeqChunk(token_ids, 0, blocks)], [], kv_cache.block_size, kv_cache.device), kv_cache)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return amax
 
     def init_random_(self, seed: int = 0, std: float = 0.02) -> None:
         """Random weights for benchmarks at real shapes; norms start at one."""

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from hma.errors import InvalidRequestError
-from hma.quant import (QUANT_MODES, PhaseLinear, QuantizedLinear, _why_not_fused, dequantize_blocks, quantize_blocks,
+from hma.quant import (QUANT_MODES, PhaseLinear, QuantizedLinear, smoothing_factors, _why_not_fused, dequantize_blocks, quantize_blocks,
                        quantize_rows)
 
 NUM_TOKENS, IN_FEATURES, OUT_FEATURES = 37, 256, 192
@@ -179,3 +179,34 @@ def test_phase_linear_sends_prefill_rows_to_the_8bit_copy_and_the_rest_to_float(
     torch.testing.assert_close(layer(x, 10), layer.prefill(x))
     with pytest.raises(RuntimeError, match="only prefill weights"):
         layer(x, 4)
+
+
+def test_smoothquant_moves_activation_outliers_into_the_weights():
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(192, 256, generator=gen)
+    x = torch.randn(37, 256, generator=gen)
+    x[:, [3, 50, 97, 200]] *= 100  # outlier channels, as in real LLM activations
+    exact = x @ w.t()
+
+    def error(layer: QuantizedLinear) -> float:
+        return ((layer(x) - exact).norm() / exact.norm()).item()
+
+    plain = error(QuantizedLinear(w, "int8"))
+    smooth = smoothing_factors(x.abs().amax(dim=0), w, alpha=0.5)
+    smoothed = error(QuantizedLinear(w, "int8", smooth))
+    # Measured: plain 0.031, smoothed 0.0058 (the normal channels stop being rounded to zero).
+    assert smoothed < 0.5 * plain
+
+
+def test_calibrated_model_gets_smoothed_prefill_linears():
+    from hma.kv_cache import KVCache
+    from hma.kv_formats import get_kv_format
+    from tests.helpers import hma_model_from_hf, tiny_hf_model
+
+    model = hma_model_from_hf(tiny_hf_model("Qwen3ForCausalLM"))
+    amax = model.input_amax(list(range(20)), KVCache(model.config, 8, 4, get_kv_format("fp32"), "cpu"))
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, PhaseLinear)}
+    assert set(amax) == set(linears)
+    assert all(amax[n].shape == (m.weight.shape[1],) and (amax[n] > 0).all() for n, m in linears.items())
+    model.use_prefill_precision("int8", input_amax=amax, alpha=0.5)
+    assert all(m.prefill.inv_smooth is not None for m in linears.values())
