@@ -22,11 +22,12 @@ def write_kv(cache: LayerKV, k: torch.Tensor, v: torch.Tensor, slot_mapping: tor
     """Quantizes each token's K and V (num_tokens, kv_heads, dim) into the pools at its slot."""
     for pool, scales, x in ((cache.k, cache.k_scales, k), (cache.v, cache.v_scales, v)):
         payload, x_scales = cache.format.quantize(x)
-        _copyable(pool).flatten(0, 1).index_copy_(0, slot_mapping, _copyable(payload))
+        copyable(pool).flatten(0, 1).index_copy_(0, slot_mapping, copyable(payload))
         scales.flatten(0, 1).index_copy_(0, slot_mapping, x_scales)  # flatten: a view of the pool
 
 
-def _copyable(t: torch.Tensor) -> torch.Tensor:
+def copyable(t: torch.Tensor) -> torch.Tensor:
+    """t, or its bytes as uint8 where index_copy_ cannot take its dtype."""
     # index_copy_ has no float8 kernel on the CPU; the same bytes viewed as uint8 copy fine.
     return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
 

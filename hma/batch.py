@@ -15,6 +15,11 @@ from dataclasses import dataclass
 import torch
 
 
+def slots_for(block_ids: list[int], start: int, end: int, block_size: int) -> list[int]:
+    """Flat cache slots of token positions [start, end) of a sequence laid over block_ids."""
+    return [block_ids[p // block_size] * block_size + p % block_size for p in range(start, end)]
+
+
 @dataclass(slots=True)
 class SeqChunk:
     """One sequence's share of a step: the tokens to compute, where they start, its blocks."""
@@ -58,9 +63,8 @@ class Batch:
             start = len(ids)
             n = len(chunk.token_ids)
             ids += chunk.token_ids
-            for p in range(chunk.context_len, chunk.context_len + n):
-                pos.append(p)
-                slots.append(chunk.block_ids[p // block_size] * block_size + p % block_size)
+            pos += range(chunk.context_len, chunk.context_len + n)
+            slots += slots_for(chunk.block_ids, chunk.context_len, chunk.context_len + n, block_size)
             logits_idx += range(start, start + n) if chunk.all_logits else [start + n - 1]
         width = max(len(c.block_ids) for c in chunks)
         tables = [c.block_ids + [0] * (width - len(c.block_ids)) for c in chunks]

@@ -93,6 +93,7 @@ class KVCache:
                                      config.head_dim, device) for _ in range(config.num_hidden_layers)]
         self.format = fmt
         self.device = torch.device(device)
+        self.num_kv_heads, self.head_dim = config.num_key_value_heads, config.head_dim
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.allocator = BlockAllocator(num_blocks)

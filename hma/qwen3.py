@@ -9,7 +9,7 @@ Weights load from Hugging Face names; q/k/v and gate/up are fused on load into o
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -201,12 +201,16 @@ class Qwen3ForCausalLM(nn.Module):
                 param.data.normal_(0.0, std, generator=gen)
 
     @torch.inference_mode()
-    def forward(self, batch: Batch, kv_cache: KVCache) -> torch.Tensor:
-        """Returns float32 logits (len(batch.logits_indices), vocab_size)."""
+    def forward(self, batch: Batch, kv_cache: KVCache,
+                on_layer: Callable[[int], None] | None = None) -> torch.Tensor:
+        """Returns float32 logits (len(batch.logits_indices), vocab_size). on_layer(i) runs as
+        soon as layer i's KV is in the cache: the prefill host hands it off from there."""
         x = self.embed_tokens(batch.input_ids)  # (num_tokens, hidden)
         rope = self.rope(batch.positions, x.dtype)
-        for layer, cache in zip(self.layers, kv_cache.layers):
+        for i, (layer, cache) in enumerate(zip(self.layers, kv_cache.layers)):
             x = layer(x, rope, batch, cache)
+            if on_layer is not None:
+                on_layer(i)
         x = self.norm(x[batch.logits_indices])
         return self.lm_head(x).float()
 
