@@ -65,8 +65,8 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.set_defaults(run=_generate)
 
-    bench = commands.add_parser("bench", help="run a benchmark: speed, prefill", add_help=False)
-    bench.add_argument("name", choices=["speed", "prefill"])
+    bench = commands.add_parser("bench", help="run a benchmark: speed, prefill, outliers", add_help=False)
+    bench.add_argument("name", choices=["speed", "prefill", "outliers"])
     bench.set_defaults(run=_bench)
 
     quality = commands.add_parser("eval", help="quality of prefill precisions and KV formats",

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 EVAL_DIR = Path(__file__).resolve().parents[2] / "shared" / "eval"  # ../shared/eval from the repo
 MC_SETS = ("arc_easy_test", "arc_challenge_test", "hellaswag_val", "piqa_val")
+MC_LABELS = ("ARC-e", "ARC-c", "HellaSwag", "PIQA")
 BLOCK_SIZE = 16
 TOKENS_PER_BATCH = 4096
 PAIRS_PER_BATCH = 256
@@ -235,7 +236,26 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(summary))
+    print(markdown_table(rows))
     return rows
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """The README's table: deltas against the reference row, accuracy per set in points."""
+    lines = ["| prefill | KV | SmoothQuant | ppl | Δ ppl | " + " | ".join(MC_LABELS) +
+             " | mean Δ acc | answers changed | greedy identical | matching prefix |",
+             "|---|---|---|---:|---:|" + "---:|" * len(MC_SETS) + "---:|---:|---:|---:|"]
+    for r in rows:
+        vs = r["vs_reference"]
+        accs = " | ".join(f"{100 * r['mc'][s]['acc']:.1f}" for s in MC_SETS)
+        delta = sum(vs["mc"][s]["acc_delta_pts"] for s in MC_SETS) / len(MC_SETS)
+        changed = sum(vs["mc"][s]["changed"] for s in MC_SETS)
+        items = sum(r["mc"][s]["items"] for s in MC_SETS)
+        alpha = r.get("smoothquant_alpha") or "-"
+        lines.append(f"| {r['prefill_dtype']} | {r['kv_dtype']} | {alpha} | {r['ppl']:.3f} | "
+                     f"{vs['ppl_delta_pct']:+.2f}% | {accs} | {delta:+.2f} | {changed}/{items} | "
+                     f"{100 * vs['greedy_identical']:.0f}% | {vs['greedy_match_prefix']:.1f} |")
+    return "\n".join(lines)
 
 
 REFERENCE = ("bf16", "bf16")
