@@ -34,8 +34,8 @@ MC_SETS = ("arc_easy_test", "arc_challenge_test", "hellaswag_val", "piqa_val")
 MC_LABELS = ("ARC-e", "ARC-c", "HellaSwag", "PIQA")
 BLOCK_SIZE = 16
 TOKENS_PER_BATCH = 4096
-PAIRS_PER_BATCH = 256
-MAX_PAIR_LEN = 2048
+GROUPS_PER_BATCH = 256
+MAX_GROUP_LEN = 2048
 
 
 Group = tuple[list[int], list[list[int]]]  # a context and the continuations scored after it
@@ -53,18 +53,18 @@ class Scorer:
         self.device = next(model.parameters()).device
         fmt = resolve_kv_format(kv_dtype, next(model.parameters()).dtype)
         # Each group rounds up to whole blocks: at most one block more than its tokens need.
-        self.max_blocks = blocks_for(TOKENS_PER_BATCH + MAX_PAIR_LEN, BLOCK_SIZE) + PAIRS_PER_BATCH
+        self.max_blocks = blocks_for(TOKENS_PER_BATCH + MAX_GROUP_LEN, BLOCK_SIZE) + GROUPS_PER_BATCH
         self.cache = KVCache(model.config, self.max_blocks, BLOCK_SIZE, fmt, self.device)
 
     def score(self, groups: list[Group]) -> list[list[torch.Tensor]]:
         """For each group, for each continuation: the log-prob of every continuation token."""
-        if any(len(ctx) + max(map(len, conts)) > MAX_PAIR_LEN for ctx, conts in groups):
-            raise ValueError(f"a context + continuation is longer than {MAX_PAIR_LEN} tokens")
+        if any(len(ctx) + max(map(len, conts)) > MAX_GROUP_LEN for ctx, conts in groups):
+            raise ValueError(f"a context + continuation is longer than {MAX_GROUP_LEN} tokens")
         out: list[list[torch.Tensor]] = []
         start = 0
         while start < len(groups):
             end, tokens = start, 0
-            while end < len(groups) and end - start < PAIRS_PER_BATCH and (
+            while end < len(groups) and end - start < GROUPS_PER_BATCH and (
                     end == start or tokens + _group_len(groups[end]) <= TOKENS_PER_BATCH):
                 tokens += _group_len(groups[end])
                 end += 1
