@@ -97,6 +97,12 @@ class LLMEngine:
         self.scheduler.add(req)
         return req
 
+    def add_prefilled(self, req: Request, first_token: int) -> None:
+        """Joins a request whose prompt KV is already in its blocks (prefilled elsewhere) to
+        decode batching, with the first token the prefill sampled."""
+        self.scheduler.add_running(req)
+        self._append_token(req, first_token, time.time())
+
     def abort(self, req: Request) -> None:
         """Drops a request wherever it is and frees its blocks."""
         if not req.is_finished:

@@ -47,6 +47,12 @@ class Scheduler:
     def add(self, req: Request) -> None:
         self.waiting.append(req)
 
+    def add_running(self, req: Request) -> None:
+        """Takes over a request that arrives holding its prompt's blocks (prefilled elsewhere)."""
+        req.status = RequestStatus.RUNNING
+        req.metrics.first_scheduled_time = req.metrics.first_scheduled_time or time.time()
+        self.running.append(req)
+
     @property
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)

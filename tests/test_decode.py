@@ -1,0 +1,73 @@
+import torch
+
+from hma.batch import Batch, SeqChunk
+from hma.decode import KVLanding
+from hma.engine import run_to_completion
+from hma.kv_cache import KVCache
+from hma.kv_formats import get_kv_format
+from hma.kv_transfer import take_layer_kv
+from hma.sampling import SamplingParams
+from hma.wire import Abort, FirstToken, FrameDecoder, RequestBegin, RequestEnd, encode_bytes
+from tests.helpers import engine_from_hf, hma_model_from_hf, tiny_hf_model
+
+PROMPT = [5, 17, 88, 3, 140, 9, 61, 200, 7, 42, 13]
+GREEDY = {"max_tokens": 10, "temperature": 0.0}
+
+
+def _begin(rid: str = "r1", prompt=PROMPT, sampling=GREEDY) -> RequestBegin:
+    return RequestBegin(rid, prompt, sampling, 3, "int8", 2, 24)
+
+
+def _prefill_messages(hf, rid: str = "r1") -> list:
+    """What a prefill host sends: each layer's int8 KV as it finishes, then token and end."""
+    model = hma_model_from_hf(hf)
+    cache = KVCache(model.config, 8, 4, get_kv_format("int8"), "cpu")
+    blocks = [4, 1, 6]
+    msgs = []
+    on_layer = lambda i: msgs.append(take_layer_kv(cache, i, rid, blocks, 0, len(PROMPT)))  # noqa: E731
+    logits = model(Batch.build([SeqChunk(PROMPT, 0, blocks)], [], 4, "cpu"), cache, on_layer)
+    msgs += [FirstToken(rid, int(logits.argmax())), RequestEnd(rid, len(PROMPT))]
+    return [FrameDecoder().feed(encode_bytes(m))[0] for m in msgs]  # through the wire
+
+
+def test_request_prefilled_elsewhere_decodes_exactly_as_colocated():
+    hf = tiny_hf_model("Qwen3ForCausalLM")
+    decode = engine_from_hf(hf, num_blocks=32, block_size=16, kv_dtype="int8")
+    landing = KVLanding(decode)
+    assert landing.begin(_begin()).accepted
+    joined = [landing.receive(m) for m in _prefill_messages(hf)]
+    assert joined[:-1] == [None] * (len(joined) - 1) and joined[-1].request_id == "r1"
+    while decode.has_unfinished:
+        decode.step()
+    colocated = run_to_completion(engine_from_hf(hf, kv_dtype="int8"), [PROMPT], SamplingParams(**GREEDY))[0]
+    assert joined[-1].output_token_ids == colocated.token_ids
+    assert decode.kv_cache.allocator.num_free == 32
+
+
+def test_begin_is_refused_when_blocks_run_out_or_the_model_differs():
+    decode = engine_from_hf(tiny_hf_model("Qwen3ForCausalLM"), num_blocks=3, block_size=4, kv_dtype="int8")
+    landing = KVLanding(decode)
+    short = {"max_tokens": 2}
+    assert landing.begin(_begin("a", PROMPT[:8], short)).accepted  # 2 of the 3 blocks
+    reply = landing.begin(_begin("b", PROMPT[:8], short))
+    assert not reply.accepted and "no free KV blocks" in reply.reason
+    assert "max_model_len" in landing.begin(_begin("c", PROMPT[:4])).reason  # 4 + 10 > 12 tokens
+    assert "shape" in landing.begin(RequestBegin("d", [1, 2], short, 4, "int8", 2, 24)).reason
+    assert "fp5" in landing.begin(RequestBegin("e", [1], short, 3, "fp5", 2, 24)).reason
+    assert decode.kv_cache.allocator.num_free == 1
+
+
+def test_abort_and_a_lost_peer_free_the_blocks_of_their_requests():
+    hf = tiny_hf_model("Qwen3ForCausalLM")
+    decode = engine_from_hf(hf, num_blocks=16, block_size=4, kv_dtype="int8")
+    landing = KVLanding(decode)
+    landing.begin(_begin("r1"), peer="p1")
+    landing.begin(_begin("r2"), peer="p2")
+    landing.begin(_begin("r3"), peer="p1")
+    for msg in _prefill_messages(hf, "r1")[:2]:  # two layers landed, then the sender gives up
+        landing.receive(msg)
+    landing.receive(Abort("r1", "prefill failed"))
+    assert decode.kv_cache.allocator.num_free == 16 - 2 * 3
+    assert landing.drop_peer("p1") == ["r3"]
+    assert decode.kv_cache.allocator.num_free == 16 - 3 and list(landing.pending) == ["r2"]
+    assert landing.receive(Abort("r1", "late")) is None  # crossing aborts are harmless
