@@ -9,11 +9,13 @@ Abort, or the loss of the peer feeding a request, frees its blocks at once.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass, field
 
 from hma.engine import LLMEngine
 from hma.errors import HMAError, ProtocolError
+from hma.transport import Connection
 from hma.kv_cache import blocks_for
 from hma.kv_formats import KVFormat, get_kv_format
 from hma.kv_transfer import put_layer_kv
@@ -111,3 +113,27 @@ class KVLanding:
         self.engine.kv_cache.allocator.free(landing.request.block_ids)
         landing.request.block_ids = []
         log.info("aborted request_id=%s reason=%s", request_id, reason)
+
+
+async def serve_prefill_peer(landing: KVLanding, conn: Connection) -> None:
+    """Lands everything one prefill peer sends until it leaves or breaks; whatever it was still
+    feeding is then aborted and freed, and every other peer's requests carry on. (The caller
+    keeps the engine step from running while this writes: both touch the cache and allocator.)"""
+    peer = conn.peer_name
+    try:
+        while True:
+            msg = await conn.recv()
+            if isinstance(msg, RequestBegin):
+                await conn.send(landing.begin(msg, peer))
+            elif isinstance(msg, (KVLayer, FirstToken, RequestEnd, Abort)):
+                landing.receive(msg)
+            else:
+                raise ProtocolError(f"a prefill peer does not send {msg.TYPE}")
+    except asyncio.IncompleteReadError:
+        log.info("peer=%s closed its connection", peer)
+    except (HMAError, TimeoutError, OSError) as exc:
+        log.warning("dropping peer=%s reason=%s", peer, exc or type(exc).__name__)
+    finally:
+        dropped = landing.drop_peer(peer)
+        if dropped:
+            log.warning("peer=%s left %d requests unfinished; their blocks are freed", peer, len(dropped))
