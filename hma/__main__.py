@@ -31,6 +31,23 @@ def _generate(args: argparse.Namespace) -> None:
           f"total={elapsed:.2f} s]", file=sys.stderr)
 
 
+def _serve(args: argparse.Namespace) -> None:
+    from aiohttp import web
+
+    from hma.async_engine import AsyncEngine
+    from hma.engine import LLMEngine
+    from hma.router import Router
+
+    engine = LLMEngine.from_config(from_flags(args, EngineConfig))
+    backend = AsyncEngine(engine)
+    backend.start()
+    router = Router(backend, engine.tokenizer, args.served_model_name or args.model, engine.max_model_len)
+    try:
+        web.run_app(router.app(), host=args.host, port=args.port)
+    finally:
+        backend.stop()
+
+
 def _fetch_demo_model(args: argparse.Namespace) -> None:
     from hma.checkpoint import fetch_demo_model
 
@@ -64,6 +81,13 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=-1)
     gen.add_argument("--seed", type=int, default=None)
     gen.set_defaults(run=_generate)
+
+    serve = commands.add_parser("serve", help="one colocated engine behind the OpenAI API")
+    add_flags(serve, EngineConfig)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--served-model-name", default=None, help="the model name clients send")
+    serve.set_defaults(run=_serve)
 
     bench = commands.add_parser("bench", help="run a benchmark: speed, prefill, outliers", add_help=False)
     bench.add_argument("name", choices=["speed", "prefill", "outliers"])
