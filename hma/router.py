@@ -53,11 +53,10 @@ class Router:
         try:
             return await handler(request)
         except web.HTTPException as exc:
-            if exc.status == 413:
-                exc = InvalidRequestError(f"request body over {MAX_BODY_BYTES} bytes")
-                status, body = 413, api.error_body(exc)[1]
-                return web.json_response(body, status=status)
-            raise
+            if exc.status != 413:
+                raise
+            too_large = InvalidRequestError(f"the request body is over {MAX_BODY_BYTES} bytes")
+            return web.json_response(api.error_body(too_large)[1], status=413)
         except Exception as exc:  # noqa: BLE001 - every failure becomes an OpenAI error body
             if not isinstance(exc, HMAError):
                 log.exception("request failed path=%s", request.path)
@@ -113,7 +112,8 @@ class Router:
         try:
             async for out in outputs:
                 text = out.text if out.finished else self._partial_text(out, parsed)
-                delta, sent = text[len(sent):], max(sent, text, key=len)
+                delta = text[len(sent):]  # text only grows: stop strings are held back until the end
+                sent += delta
                 if delta or out.finished:
                     await response.write(api.sse_event(self._chunk(parsed, request_id, delta, out)))
         except HMAError as exc:

@@ -80,3 +80,8 @@ async def test_models_health_and_metrics(client, engine):
     await client.post("/v1/completions", json={"model": "demo", "prompt": "Hi", "max_tokens": 3})
     text = await (await client.get("/metrics")).text()
     assert "hma:time_to_first_token_seconds_count 1" in text and "hma:generation_tokens_total 3" in text
+
+
+async def test_an_oversized_body_gets_413_and_an_openai_body(client):
+    response = await client.post("/v1/completions", data=b"x" * (5 * 1024 * 1024))
+    assert response.status == 413 and "over" in (await response.json())["error"]["message"]
