@@ -36,6 +36,10 @@ def _number(value: float) -> str:
     return repr(float(value)) if not float(value).is_integer() else str(int(value))
 
 
+def _scalar_samples(name: str, values: dict[Labels, float]) -> list[str]:
+    return [f"{name}{_format_labels(k)} {_number(v)}" for k, v in sorted(values.items())]
+
+
 @dataclass(slots=True)
 class Counter:
     """A value that only goes up (requests, tokens, bytes)."""
@@ -52,7 +56,7 @@ class Counter:
         self.values[key] = self.values.get(key, 0.0) + amount
 
     def samples(self) -> list[str]:
-        return [f"{self.name}{_format_labels(k)} {_number(v)}" for k, v in sorted(self.values.items())]
+        return _scalar_samples(self.name, self.values)
 
 
 @dataclass(slots=True)
@@ -68,7 +72,7 @@ class Gauge:
         self.values[_labels(labels)] = value
 
     def samples(self) -> list[str]:
-        return [f"{self.name}{_format_labels(k)} {_number(v)}" for k, v in sorted(self.values.items())]
+        return _scalar_samples(self.name, self.values)
 
 
 @dataclass(slots=True)
