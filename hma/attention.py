@@ -2,10 +2,10 @@
 
 In: one layer's q, k, v for the flat batch, that layer's pools (LayerKV) and the Batch. The new
 K/V are quantized into the cache's format and written to their slots first (deferred
-dequantization: the cache holds payload and scales only), then every query attends to its sequence's cached keys, read
-back through the block table: prefill sequences causally (query t sees positions up to
-context_len + t; a prompt with nothing cached uses its fresh K/V directly), decode sequences one
-query each over all their tokens. A fused GPU kernel
+dequantization: the cache holds payload and scales only), then every query attends to its
+sequence's cached keys, read back through the block table: prefill sequences causally (query t
+sees positions up to context_len + t; a prompt with nothing cached uses its fresh K/V directly),
+decode sequences one query each over all their tokens. A fused GPU kernel
 replaces `paged_attention` behind the same signature.
 """
 
@@ -20,13 +20,17 @@ from hma.kv_cache import LayerKV
 
 def write_kv(cache: LayerKV, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """Quantizes each token's K and V (num_tokens, kv_heads, dim) into the pools at its slot."""
-    for pool, scales, x in ((cache.k, cache.k_scales, k), (cache.v, cache.v_scales, v)):
-        payload, x_scales = cache.format.quantize(x)
-        copyable(pool).flatten(0, 1).index_copy_(0, slot_mapping, copyable(payload))
-        scales.flatten(0, 1).index_copy_(0, slot_mapping, x_scales)  # flatten: a view of the pool
+    store_kv(cache, (*cache.format.quantize(k), *cache.format.quantize(v)), slot_mapping)
 
 
-def copyable(t: torch.Tensor) -> torch.Tensor:
+def store_kv(cache: LayerKV, tensors: tuple[torch.Tensor, ...], slot_mapping: torch.Tensor) -> None:
+    """Copies already-quantized (k, k_scales, v, v_scales), one row per token, to their slots."""
+    for pool, t in zip(cache.tensors, tensors):
+        # flatten of a contiguous pool is a view, so index_copy_ writes the pool itself
+        _copyable(pool).flatten(0, 1).index_copy_(0, slot_mapping, _copyable(t.to(pool.device)))
+
+
+def _copyable(t: torch.Tensor) -> torch.Tensor:
     """t, or its bytes as uint8 where index_copy_ cannot take its dtype."""
     # index_copy_ has no float8 kernel on the CPU; the same bytes viewed as uint8 copy fine.
     return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t

@@ -3,9 +3,10 @@ each sequence's KV in the paged cache.
 
 Layout: sequences are concatenated without padding. The first `num_prefills` sequences may bring
 many new tokens (a prompt, a recomputed sequence, a scored continuation); the rest are decodes
-bringing exactly one token. Phase-wise quantization splits the same rows differently: the
-leading `num_prefill_precision_tokens` run through the prefill-precision weights, the rest BF16. Token t of sequence i sits at position `context_len_i + t` and writes
-its K/V to slot `block_ids[pos // block_size] * block_size + pos % block_size`.
+bringing exactly one token. Token t of sequence i sits at position `context_len_i + t` and writes
+its K/V to slot `block_ids[pos // block_size] * block_size + pos % block_size`. Phase-wise
+quantization splits the same rows differently: the leading `num_prefill_precision_tokens` run
+through the prefill-precision weights, the rest through the float (decode) weights.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from hma.attention import copyable, write_kv
+from hma.attention import store_kv, write_kv
 from hma.batch import slots_for
 from hma.errors import ProtocolError
 from hma.kv_cache import KVCache, LayerKV
@@ -39,9 +39,7 @@ def put_layer_kv(cache: KVCache, block_ids: list[int], msg: KVLayer, sender: KVF
     slots = torch.tensor(slots_for(block_ids, msg.token_start, msg.token_end, cache.block_size),
                          device=cache.device)
     if sender.name == cache.format.name:
-        tensors = (msg.k, msg.k_scales, msg.v, msg.v_scales)
-        for pool, t in zip(layer.tensors, tensors):
-            copyable(pool).flatten(0, 1).index_copy_(0, slots, copyable(t.to(cache.device)))
+        store_kv(layer, (msg.k, msg.k_scales, msg.v, msg.v_scales), slots)
         return
     k = sender.dequantize(msg.k.to(cache.device), msg.k_scales.to(cache.device), torch.float32)
     v = sender.dequantize(msg.v.to(cache.device), msg.v_scales.to(cache.device), torch.float32)
