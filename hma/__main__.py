@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
 import logging
 import sys
 import time
 
-from hma.config import EngineConfig, add_flags, from_flags
+from hma.config import EngineConfig, HostConfig, RouterConfig, add_flags, from_flags
 from hma.errors import HMAError
 
 
@@ -41,11 +42,35 @@ def _serve(args: argparse.Namespace) -> None:
     engine = LLMEngine.from_config(from_flags(args, EngineConfig))
     backend = AsyncEngine(engine)
     backend.start()
-    router = Router(backend, engine.tokenizer, args.served_model_name or args.model, engine.max_model_len)
+    router = Router(backend, engine.tokenizer, args.served_model_name or args.model)
     try:
         web.run_app(router.app(), host=args.host, port=args.port)
     finally:
         backend.stop()
+
+
+def _prefill(args: argparse.Namespace) -> None:
+    from hma.prefill import serve_prefill
+
+    asyncio.run(serve_prefill(from_flags(args, EngineConfig), from_flags(args, HostConfig)))
+
+
+def _decode(args: argparse.Namespace) -> None:
+    from hma.decode import serve_decode
+
+    asyncio.run(serve_decode(from_flags(args, EngineConfig), from_flags(args, HostConfig)))
+
+
+def _router(args: argparse.Namespace) -> None:
+    from hma.router import serve_router
+
+    asyncio.run(serve_router(from_flags(args, RouterConfig)))
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from hma.demo import run_demo
+
+    run_demo(args)
 
 
 def _fetch_demo_model(args: argparse.Namespace) -> None:
@@ -88,6 +113,23 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--served-model-name", default=None, help="the model name clients send")
     serve.set_defaults(run=_serve)
+
+    for role, run in (("prefill", _prefill), ("decode", _decode)):
+        host = commands.add_parser(role, help=f"the {role} host of disaggregated serving")
+        add_flags(host, EngineConfig)
+        add_flags(host, HostConfig)
+        host.set_defaults(run=run)
+    router = commands.add_parser("router", help="the OpenAI-compatible API in front of prefill and decode hosts")
+    add_flags(router, RouterConfig)
+    router.set_defaults(run=_router)
+
+    demo = commands.add_parser("demo", help="the three roles as local processes with the demo model; one chat")
+    demo.add_argument("--prompt", default="What is the capital of France?")
+    demo.add_argument("--max-tokens", type=int, default=32)
+    demo.add_argument("--prefill-dtype", default="fp8", help="the prefill host's precision (bf16 | fp8 | int8 | bfp8)")
+    demo.add_argument("--kv-dtype", default="int8", help="the KV format on the wire and in both caches")
+    demo.add_argument("--serve", action="store_true", help="keep the three running and print the URL")
+    demo.set_defaults(run=_demo)
 
     bench = commands.add_parser("bench", help="run a benchmark: speed, prefill, outliers", add_help=False)
     bench.add_argument("name", choices=["speed", "prefill", "outliers"])

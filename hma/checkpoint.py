@@ -9,6 +9,7 @@ marker is written last and the folder appears under its final name by one atomic
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -29,7 +30,9 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from hma.config import ModelConfig
 from hma.errors import CheckpointError, ModelNotFoundError
+from hma.wire import model_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -203,6 +206,18 @@ def _shard_names(path: Path) -> dict[Path, list[str] | None]:
     raise CheckpointError(
         f"no {SAFETENSORS_FILE} or {SAFETENSORS_INDEX} in {path}; it holds: {', '.join(held[:20]) or 'nothing'}"
     )
+
+
+def checkpoint_fingerprint(path: Path) -> str:
+    """The wire handshake's model fingerprint, from config.json and the safetensors headers alone
+    (no weights are read), so the router computes the same one as the hosts that load them."""
+    shapes = {}
+    for file, names in _shard_names(Path(path)).items():
+        with safe_open(file, framework="pt") as f:
+            for name in names or f.keys():
+                shapes[name] = tuple(f.get_slice(name).get_shape())
+    config = dataclasses.asdict(ModelConfig.from_dict(load_config_dict(path)))
+    return model_fingerprint(config, shapes)
 
 
 def load_config_dict(path: Path) -> dict:

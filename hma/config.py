@@ -161,6 +161,32 @@ class EngineConfig:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be at least 1")
 
 
+@dataclass(frozen=True, slots=True)
+class HostConfig:
+    """Where a prefill or decode host listens, and the secret its peers must prove they share."""
+
+    host: str = field(default="127.0.0.1", metadata={"help": "address to listen on"})
+    port: int = field(default=0, metadata={"help": "TCP port (0: the role's default)"})
+    secret: str | None = field(default=None, metadata={
+        "help": "shared secret of the hosts' handshake (default: $HMA_SECRET)"})
+    pipeline: bool = field(default=True, metadata={
+        "help": "prefill only: send each layer's KV as it finishes (--no-pipeline: after the last)"})
+
+
+@dataclass(frozen=True, slots=True)
+class RouterConfig:
+    """The router: its HTTP address, the hosts behind it, and the model it tokenizes for."""
+
+    model: str = field(default="demo", metadata={"help": "checkpoint whose tokenizer to use (as the hosts')"})
+    served_model_name: str | None = field(default=None, metadata={"help": "the model name clients send"})
+    host: str = field(default="127.0.0.1", metadata={"help": "HTTP address to listen on"})
+    port: int = field(default=8000, metadata={"help": "HTTP port"})
+    prefill_hosts: str = field(default="127.0.0.1:8100", metadata={"help": "comma-separated host:port"})
+    decode_hosts: str = field(default="127.0.0.1:8200", metadata={"help": "comma-separated host:port"})
+    secret: str | None = field(default=None, metadata={"help": "the hosts' shared secret (default: $HMA_SECRET)"})
+    api_strict: bool = field(default=True, metadata={"help": "refuse unknown request fields with a 400"})
+
+
 def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
     """Adds one --flag per dataclass field, with its default and help."""
     for f in dataclasses.fields(cls):

@@ -1,29 +1,43 @@
-"""Decode host, first part: KV lands in blocks and requests join decode batching.
+"""Decode host: KV lands in blocks, requests join decode batching, tokens stream to the router.
 
-RequestBegin allocates the request's blocks at once (or is refused, so the router can place it
-elsewhere); each KVLayer is written straight into them; once every layer, the first token and
-RequestEnd have arrived the request joins the engine's running batch. Invariant: KVLanding owns a
-request's blocks until it hands the request to the scheduler, which owns them from then on; an
-Abort, or the loss of the peer feeding a request, frees its blocks at once.
+One request: the router sends Generate, naming a prefill host. The decode host allocates the
+prompt's blocks at once (or refuses, so the router places it elsewhere), asks that prefill host
+for the prompt with RequestBegin on its connection to it (opened on first use), and writes each
+arriving KVLayer straight into the blocks. Once every layer, the first token and RequestEnd are
+in, the request joins the engine's running batch and its tokens stream back to the router.
+Invariant: KVLanding owns a request's blocks until it hands the request to the scheduler, which
+owns them from then on; an Abort, a failed prefill or the loss of the peer feeding a request frees
+its blocks at once and ends that request with an error, never a hang or a silent re-prefill.
+Everything that touches the engine (landing included) runs in the AsyncEngine's worker thread.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from hma.engine import LLMEngine
-from hma.errors import HMAError, ProtocolError
-from hma.transport import Connection
+from hma.async_engine import AsyncEngine, OutputStream
+from hma.config import EngineConfig, HostConfig
+from hma.engine import LLMEngine, run_to_completion
+from hma.errors import HMAError, ProtocolError, ServiceUnavailableError
+from hma.host import DEFAULT_PORTS, listen_until_stopped, load_engine, phase, resolve_secret
 from hma.kv_cache import blocks_for
 from hma.kv_formats import KVFormat, get_kv_format
 from hma.kv_transfer import put_layer_kv
 from hma.request import Request
 from hma.sampling import SamplingParams
-from hma.wire import Abort, BeginReply, FirstToken, KVLayer, RequestBegin, RequestEnd
+from hma.transport import Connection, HandshakeError, connect, for_each_message
+from hma.wire import (Abort, BeginReply, ErrorMessage, FirstToken, Generate, Hello, KVLayer, Message, Query,
+                      QueryReply, RequestBegin, RequestEnd, Tokens, kv_layer_bytes)
 
 log = logging.getLogger(__name__)
+
+BEGIN_TIMEOUT_S = 30.0  # for the prefill host to take (queue) a request
+MAX_TIMELINES = 1024  # per-request timelines kept for /debug/timeline
 
 
 @dataclass(slots=True)
@@ -55,7 +69,8 @@ class KVLanding:
         allocator = self.engine.kv_cache.allocator
         need = blocks_for(len(msg.prompt_token_ids), self.engine.kv_cache.block_size)
         if not allocator.can_allocate(need):
-            return BeginReply(msg.request_id, False, f"no free KV blocks: {need} needed, {allocator.num_free} free")
+            return BeginReply(msg.request_id, False, f"no free KV blocks: {need} needed, {allocator.num_free} free",
+                              retryable=True)
         req = Request(msg.request_id, list(msg.prompt_token_ids), params, block_ids=allocator.allocate(need))
         self.pending[msg.request_id] = Landing(req, fmt, peer)
         return BeginReply(msg.request_id, True)
@@ -68,7 +83,10 @@ class KVLanding:
                 config.num_hidden_layers, config.num_key_value_heads, config.head_dim):
             raise ProtocolError("the KV shape does not match this host's model")
         fmt = get_kv_format(msg.kv_format)
-        params = SamplingParams(**msg.sampling)
+        try:
+            params = SamplingParams(**msg.sampling)
+        except TypeError as exc:
+            raise ProtocolError(f"bad sampling parameters: {exc}") from None
         if len(msg.prompt_token_ids) + params.max_tokens > self.engine.max_model_len:
             raise ProtocolError(f"prompt + max_tokens exceeds max_model_len={self.engine.max_model_len}")
         return fmt, params
@@ -81,7 +99,7 @@ class KVLanding:
                 return None  # already gone: aborts may cross in flight
             raise ProtocolError(f"{msg.TYPE} for request {msg.request_id}, which is not landing here")
         if isinstance(msg, Abort):
-            self._drop(msg.request_id, msg.reason)
+            self.drop(msg.request_id, msg.reason)
             return None
         if isinstance(msg, KVLayer):
             put_layer_kv(self.engine.kv_cache, landing.request.block_ids, msg, landing.sender_format)
@@ -105,35 +123,222 @@ class KVLanding:
         """A prefill peer vanished: every request it was feeding is aborted and its blocks freed."""
         gone = [rid for rid, landing in self.pending.items() if landing.peer == peer]
         for rid in gone:
-            self._drop(rid, f"lost prefill peer {peer}")
+            self.drop(rid, f"lost prefill peer {peer}")
         return gone
 
-    def _drop(self, request_id: str, reason: str) -> None:
-        landing = self.pending.pop(request_id)
+    def drop(self, request_id: str, reason: str) -> None:
+        """Frees a landing request's blocks; a request not (or no longer) landing is left alone."""
+        landing = self.pending.pop(request_id, None)
+        if landing is None:
+            return
         self.engine.kv_cache.allocator.free(landing.request.block_ids)
         landing.request.block_ids = []
         log.info("aborted request_id=%s reason=%s", request_id, reason)
 
 
-async def serve_prefill_peer(landing: KVLanding, conn: Connection) -> None:
-    """Lands everything one prefill peer sends until it leaves or breaks; whatever it was still
-    feeding is then aborted and freed, and every other peer's requests carry on. (The caller
-    keeps the engine step from running while this writes: both touch the cache and allocator.)"""
-    peer = conn.peer_name
-    try:
-        while True:
-            msg = await conn.recv()
-            if isinstance(msg, RequestBegin):
-                await conn.send(landing.begin(msg, peer))
-            elif isinstance(msg, (KVLayer, FirstToken, RequestEnd, Abort)):
-                landing.receive(msg)
+
+class DecodeServer:
+    """Serves routers' Generate requests; pulls each prompt's KV from the prefill host it names."""
+
+    def __init__(self, engine: LLMEngine, hello: Callable[[], Hello], secret: bytes) -> None:
+        self.worker = AsyncEngine(engine)
+        self.landing = KVLanding(engine)  # worker thread only
+        self.hello, self.secret = hello, secret
+        self.links: dict[str, asyncio.Task] = {}  # prefill "host:port" -> its (opening) Connection
+        self.link_readers: set[asyncio.Task] = set()
+        self.begin_replies: dict[str, asyncio.Future] = {}  # request id -> the prefill host's BeginReply
+        self.timelines: OrderedDict[str, dict] = OrderedDict()
+        self.kv_bytes_received = 0
+
+    async def serve_router(self, conn: Connection) -> None:
+        """Serves one router until it leaves or breaks; its requests in flight are then aborted."""
+        if conn.peer.role != "router":
+            log.warning("dropping peer=%s reason=only routers connect to a decode host", conn.peer_name)
+            return
+        requests: dict[str, asyncio.Task] = {}
+
+        async def handle(msg: Message) -> None:
+            if isinstance(msg, Generate) and msg.request_id not in requests:
+                task = requests[msg.request_id] = asyncio.create_task(self._serve_request(conn, msg))
+                task.add_done_callback(lambda _, rid=msg.request_id: requests.pop(rid, None))
+            elif isinstance(msg, Abort):
+                if msg.request_id in requests:
+                    requests[msg.request_id].cancel()
+            elif isinstance(msg, Query):
+                await conn.send(QueryReply(msg.query_id, self._answer(msg)))
             else:
-                raise ProtocolError(f"a prefill peer does not send {msg.TYPE}")
-    except asyncio.IncompleteReadError:
-        log.info("peer=%s closed its connection", peer)
-    except (HMAError, TimeoutError, OSError) as exc:
-        log.warning("dropping peer=%s reason=%s", peer, exc or type(exc).__name__)
+                raise ProtocolError(f"a decode host is not sent {msg.TYPE} (or a duplicate request id)")
+
+        try:
+            await for_each_message(conn, handle)
+        finally:
+            for task in list(requests.values()):
+                task.cancel()
+
+    async def _serve_request(self, conn: Connection, msg: Generate) -> None:
+        """One request, begin to end: place its KV, stream its tokens; abort whatever is left."""
+        rid, stream, link, finished = msg.request_id, OutputStream(), None, False
+        try:
+            link = await self._link(msg.prefill_host)
+            reply = await self._begin(link, msg, stream)
+            await conn.send(reply)
+            if reply.accepted:
+                await self._stream_tokens(conn, rid, stream)
+                finished = True
+        except HMAError as exc:
+            log.info("failed request_id=%s reason=%s", rid, exc)
+            await conn.send_quietly(ErrorMessage(rid, exc.code, str(exc)))
+        finally:
+            if not finished:
+                self.worker.submit(self.landing.drop, rid, "aborted")
+                self.worker.abort(rid)
+                if link is not None and not link.writer.is_closing():
+                    await link.send_quietly(Abort(rid, "aborted by the decode host"))
+
+    async def _stream_tokens(self, conn: Connection, request_id: str, stream: OutputStream) -> None:
+        num_sent = 0
+        async for out in stream:
+            done = out.finished
+            await conn.send(Tokens(request_id, out.token_ids[num_sent:], out.finish_reason if done else None,
+                                   out.outputs[0].stop_reason if done else None, out.text if done else ""))
+            num_sent = len(out.token_ids)
+
+    async def _begin(self, link: Connection, msg: Generate, stream: OutputStream) -> BeginReply:
+        """Reserves blocks here, then asks the prefill host; a refusal from either frees them."""
+        config = self.worker.engine.model.config
+        begin = RequestBegin(msg.request_id, msg.prompt_token_ids, msg.sampling, config.num_hidden_layers,
+                             link.peer.kv_format, config.num_key_value_heads, config.head_dim)
+        reply = await self.worker.call(self._reserve, begin, link.peer_name, stream)
+        if not reply.accepted:
+            return reply
+        self._start_timeline(begin, link)
+        waiter = self.begin_replies[msg.request_id] = asyncio.get_running_loop().create_future()
+        try:
+            await link.send(begin)
+            reply = await asyncio.wait_for(waiter, BEGIN_TIMEOUT_S)
+        except (OSError, TimeoutError) as exc:
+            raise ServiceUnavailableError(f"prefill host {link.peer_name} did not take the request: "
+                                          f"{exc or type(exc).__name__}") from None
+        finally:
+            self.begin_replies.pop(msg.request_id, None)
+        return reply  # a refusal is cleaned up by _serve_request's finally
+
+    def _reserve(self, begin: RequestBegin, peer: str, stream: OutputStream) -> BeginReply:
+        """Worker thread: allocates the prompt's blocks and routes the request's outputs to stream."""
+        reply = self.landing.begin(begin, peer)
+        if reply.accepted:
+            self.worker.watch(begin.request_id, stream)
+        return reply
+
+    async def _link(self, address: str) -> Connection:
+        """The connection to a prefill host, opened (and authenticated) on first use."""
+        task = self.links.get(address)
+        if task is None or (task.done() and (task.cancelled() or task.exception() is not None)):
+            task = self.links[address] = asyncio.ensure_future(self._open_link(address))
+        try:
+            return await asyncio.shield(task)
+        except (OSError, TimeoutError, HandshakeError, ValueError) as exc:
+            raise ServiceUnavailableError(f"prefill host {address} is unreachable: "
+                                          f"{exc or type(exc).__name__}") from None
+
+    async def _open_link(self, address: str) -> Connection:
+        host, _, port = address.rpartition(":")
+        conn = await connect(host, int(port), self.hello(), self.secret)
+        log.info("connected prefill host=%s kv_format=%s", address, conn.peer.kv_format)
+        reader = asyncio.create_task(self._read_link(conn, address))
+        self.link_readers.add(reader)
+        reader.add_done_callback(self.link_readers.discard)
+        return conn
+
+    async def _read_link(self, conn: Connection, address: str) -> None:
+        """Lands what one prefill host sends; if it breaks, every request it fed fails and frees."""
+        def handle(msg: Message) -> None:
+            if isinstance(msg, BeginReply):
+                waiter = self.begin_replies.get(msg.request_id)
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(msg)
+            elif isinstance(msg, (KVLayer, FirstToken, RequestEnd, Abort)):
+                self._record(msg, conn.last_frame_bytes)
+                self.worker.submit(self._land, msg)
+            elif isinstance(msg, ErrorMessage) and msg.request_id is not None:
+                self.worker.submit(self._fail, msg.request_id, ServiceUnavailableError(msg.message))
+            else:
+                raise ProtocolError(f"a prefill host does not send {msg.TYPE}")
+
+        try:
+            await for_each_message(conn, handle)
+        finally:
+            if self.links.get(address) is not None and self.links[address].done():
+                del self.links[address]
+            await conn.close()
+            self.worker.submit(self._drop_peer, conn.peer_name)
+
+    # -- worker thread
+
+    def _land(self, msg: KVLayer | FirstToken | RequestEnd | Abort) -> None:
+        try:
+            req = self.landing.receive(msg)
+        except ProtocolError as exc:  # this request's stream is bad; the connection's framing is fine
+            self._fail(msg.request_id, exc)
+            return
+        if req is not None:
+            self.worker.joined(req)
+
+    def _fail(self, request_id: str, error: HMAError) -> None:
+        self.landing.drop(request_id, str(error))
+        self.worker.fail(request_id, error)
+
+    def _drop_peer(self, peer: str) -> None:
+        for rid in self.landing.drop_peer(peer):
+            self.worker.fail(rid, ServiceUnavailableError(f"lost the prefill host {peer} mid-transfer"))
+
+    # -- timelines and status (event loop)
+
+    def _start_timeline(self, begin: RequestBegin, link: Connection) -> None:
+        self.timelines[begin.request_id] = {
+            "request_id": begin.request_id, "prefill_host": link.peer_name, "kv_format": begin.kv_format,
+            "num_prompt_tokens": len(begin.prompt_token_ids), "begin_at": time.time(), "layers": [],
+            "kv_payload_bytes": 0, "kv_frame_bytes": 0, "first_token_at": None}
+        while len(self.timelines) > MAX_TIMELINES:
+            self.timelines.popitem(last=False)
+
+    def _record(self, msg: Message, frame_bytes: int) -> None:
+        timeline = self.timelines.get(msg.request_id)
+        if isinstance(msg, KVLayer):
+            self.kv_bytes_received += frame_bytes
+            if timeline is not None:
+                timeline["layers"].append([msg.layer, msg.computed_at, time.time()])
+                timeline["kv_payload_bytes"] += kv_layer_bytes(msg)
+                timeline["kv_frame_bytes"] += frame_bytes
+        elif isinstance(msg, FirstToken) and timeline is not None:
+            timeline["first_token_at"] = time.time()
+
+    def _answer(self, query: Query) -> dict:
+        if query.what == "timeline":
+            return self.timelines.get(query.request_id, {})
+        engine = self.worker.engine
+        return {"role": "decode", "running": len(engine.scheduler.running),
+                "waiting": len(engine.scheduler.waiting) + len(self.landing.pending),
+                "num_blocks": engine.kv_cache.num_blocks, "num_free_blocks": engine.kv_cache.allocator.num_free,
+                "kv_format": engine.kv_cache.format.name, "kv_bytes_received": self.kv_bytes_received,
+                "max_model_len": engine.max_model_len}
+
+
+def warm_up(engine: LLMEngine) -> None:
+    """Two decode steps on a tiny prompt, so the first request does not pay for lazy set-up."""
+    run_to_completion(engine, [[1, 2, 3, 4]], SamplingParams(max_tokens=2, temperature=0.0))
+
+
+async def serve_decode(engine_config: EngineConfig, host_config: HostConfig) -> None:
+    """The decode host's main: load, warm up, then serve routers until stopped."""
+    secret = resolve_secret(host_config.secret)
+    engine, hello = load_engine(engine_config, "decode")
+    with phase("warm-up"):
+        warm_up(engine)
+    server = DecodeServer(engine, hello, secret)
+    server.worker.start()
+    try:
+        await listen_until_stopped(host_config.host, host_config.port or DEFAULT_PORTS["decode"], hello,
+                                   secret, server.serve_router)
     finally:
-        dropped = landing.drop_peer(peer)
-        if dropped:
-            log.warning("peer=%s left %d requests unfinished; their blocks are freed", peer, len(dropped))
+        server.worker.stop()

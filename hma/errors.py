@@ -58,3 +58,18 @@ class ProtocolError(HMAError):
 
     status = 400
     code = "protocol_error"
+
+
+class ServiceUnavailableError(HMAError):
+    """No host can take the request now (none reachable, or none with room), or a host that was
+    serving it was lost; the client may retry."""
+
+    status = 503
+    code = "service_unavailable"
+
+
+class NotFoundError(HMAError):
+    """Something the request names does not exist (outside model names, which have their own)."""
+
+    status = 404
+    code = "not_found"

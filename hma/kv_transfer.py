@@ -20,24 +20,28 @@ from hma.kv_formats import KVFormat
 from hma.wire import KVLayer
 
 
-def take_layer_kv(cache: KVCache, layer: int, request_id: str, block_ids: list[int], start: int,
-                  end: int, device: torch.device | str = "cpu") -> KVLayer:
-    """Tokens [start, end) of one layer of a request, copied to device (the host, for sending)."""
-    slots = torch.tensor(slots_for(block_ids, start, end, cache.block_size), device=cache.device)
+def token_slots(cache: KVCache, block_ids: list[int], start: int, end: int) -> torch.Tensor:
+    """Cache slots of a request's tokens [start, end), on the cache's device."""
+    return torch.tensor(slots_for(block_ids, start, end, cache.block_size), device=cache.device)
+
+
+def take_layer_kv(cache: KVCache, layer: int, request_id: str, slots: torch.Tensor, start: int,
+                  device: torch.device | str = "cpu", computed_at: float = 0.0) -> KVLayer:
+    """One layer of a request's tokens [start, start + len(slots)), copied to device (for sending:
+    the host). The slots come from token_slots, made once per request rather than per layer."""
     pools = cache.layers[layer]
 
     def read(pool: torch.Tensor) -> torch.Tensor:
         return pool.flatten(0, 1)[slots].to(device)  # (num_tokens, kv_heads, dim)
 
-    return KVLayer(request_id, layer, start, end, read(pools.k), read(pools.k_scales),
-                   read(pools.v), read(pools.v_scales))
+    return KVLayer(request_id, layer, start, start + len(slots), read(pools.k), read(pools.k_scales),
+                   read(pools.v), read(pools.v_scales), computed_at)
 
 
 def put_layer_kv(cache: KVCache, block_ids: list[int], msg: KVLayer, sender: KVFormat) -> None:
     """Writes a received layer into the request's blocks, checking it matches this cache's model."""
     layer = _checked_layer(cache, msg, sender)
-    slots = torch.tensor(slots_for(block_ids, msg.token_start, msg.token_end, cache.block_size),
-                         device=cache.device)
+    slots = token_slots(cache, block_ids, msg.token_start, msg.token_end)
     if sender.name == cache.format.name:
         store_kv(layer, (msg.k, msg.k_scales, msg.v, msg.v_scales), slots)
         return

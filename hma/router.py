@@ -1,14 +1,15 @@
 """aiohttp app: the OpenAI-compatible /v1 API, /health and /metrics, in front of a generation backend.
 
 A request is parsed and checked by api.py, tokenized here (chat template applied), and handed to
-the backend's async `generate`, whose outputs stream back as SSE chunks or one JSON body. Today
-the backend is an AsyncEngine in this process (colocated serving); the disaggregated backend
-(prefill and decode hosts) plugs in behind the same call. Errors become OpenAI error bodies.
+the backend's async `generate`, whose outputs stream back as SSE chunks or one JSON body. The
+backend is a Cluster of prefill and decode hosts (hosts.py: disaggregated serving) or an
+AsyncEngine in this process (colocated serving). Errors become OpenAI error bodies.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 import logging
 import time
 import uuid
@@ -17,9 +18,15 @@ from aiohttp import web
 
 from hma import api
 from hma.async_engine import AsyncEngine
+from hma.checkpoint import checkpoint_fingerprint, load_tokenizer, resolve_model_path
+from hma.config import RouterConfig
 from hma.engine import apply_chat_template
-from hma.errors import HMAError, InvalidRequestError, RequestTooLargeError
-from hma.metrics import Counter, Histogram, render
+from hma.errors import HMAError, InvalidRequestError, NotFoundError, RequestTooLargeError, ServiceUnavailableError
+from hma.host import phase, resolve_secret, wait_for_stop_signal
+from hma.hosts import Cluster
+from hma.metrics import Counter, Gauge, Histogram, render
+from hma.request import RequestOutput
+from hma.wire import make_hello
 
 log = logging.getLogger(__name__)
 
@@ -29,12 +36,12 @@ MAX_BODY_BYTES = 4 * 1024 * 1024
 class Router:
     """The HTTP surface over one backend and its tokenizer."""
 
-    def __init__(self, backend: AsyncEngine, tokenizer, model_name: str, max_model_len: int,
-                 strict: bool = True) -> None:
+    def __init__(self, backend: AsyncEngine | Cluster, tokenizer, model_name: str, strict: bool = True) -> None:
         self.backend, self.tokenizer = backend, tokenizer
-        self.model_name, self.max_model_len, self.strict = model_name, max_model_len, strict
+        self.model_name, self.strict = model_name, strict
         self.created = int(time.time())
         self.ttft = Histogram("hma:time_to_first_token_seconds", "Time to first token.")
+        self.itl = Histogram("hma:inter_token_latency_seconds", "Time between successive output tokens.")
         self.e2e = Histogram("hma:e2e_request_latency_seconds", "End-to-end request latency.")
         self.prompt_tokens = Counter("hma:prompt_tokens_total", "Prompt tokens processed.")
         self.generation_tokens = Counter("hma:generation_tokens_total", "Tokens generated.")
@@ -45,7 +52,7 @@ class Router:
         app.add_routes([web.post("/v1/completions", self.completions),
                         web.post("/v1/chat/completions", self.chat_completions),
                         web.get("/v1/models", self.models), web.get("/health", self.health),
-                        web.get("/metrics", self.metrics)])
+                        web.get("/metrics", self.metrics), web.get("/debug/timeline/{request_id}", self.timeline)])
         return app
 
     @web.middleware
@@ -64,14 +71,25 @@ class Router:
             return web.json_response(body, status=status)
 
     async def models(self, request: web.Request) -> web.Response:
-        return web.json_response(api.models_response(self.model_name, self.created, self.max_model_len))
+        return web.json_response(api.models_response(self.model_name, self.created, self.backend.max_model_len))
 
     async def health(self, request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
+        """200 once every host is loaded, warm and connected; 503 until then."""
+        if self.backend.is_ready:
+            return web.json_response({"status": "ok"})
+        return web.json_response({"status": "starting"}, status=503)
 
     async def metrics(self, request: web.Request) -> web.Response:
-        metrics = [self.ttft, self.e2e, self.prompt_tokens, self.generation_tokens, self.finished]
-        return web.Response(text=render(metrics), content_type="text/plain")
+        metrics = [self.ttft, self.itl, self.e2e, self.prompt_tokens, self.generation_tokens, self.finished]
+        return web.Response(text=render(metrics + host_metrics(await self.backend.host_status())),
+                            content_type="text/plain")
+
+    async def timeline(self, request: web.Request) -> web.Response:
+        """Per-layer timestamps of one request's KV transfer (disaggregated serving only)."""
+        found = await self.backend.timeline(request.match_info["request_id"]) if isinstance(self.backend, Cluster) else {}
+        if not found:
+            raise NotFoundError(f"no timeline for request {request.match_info['request_id']}")
+        return web.json_response(found)
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         parsed = api.parse_completion_request(await _json(request), self.model_name, self.strict)
@@ -84,14 +102,17 @@ class Router:
         return await self._serve(request, parsed, apply_chat_template(self.tokenizer, parsed.messages))
 
     async def _serve(self, request: web.Request, parsed: api.CompletionRequest, ids: list[int]) -> web.StreamResponse:
-        room = self.max_model_len - len(ids)
+        max_model_len = self.backend.max_model_len
+        if not max_model_len:
+            raise ServiceUnavailableError("no decode host is connected yet; see /health")
+        room = max_model_len - len(ids)
         if room < 1 or (parsed.max_tokens or 0) > room:
             raise RequestTooLargeError(f"the prompt has {len(ids)} tokens and asks for {parsed.max_tokens} "
-                                       f"more; this model's context is {self.max_model_len} tokens", "messages"
+                                       f"more; this model's context is {max_model_len} tokens", "messages"
                                        if parsed.is_chat else "prompt")
         params = parsed.sampling_params(parsed.max_tokens or room)
         request_id = f"{'chatcmpl' if parsed.is_chat else 'cmpl'}-{uuid.uuid4().hex}"
-        outputs = self.backend.generate({"prompt_token_ids": ids}, params, request_id)
+        outputs = self._timed(self.backend.generate({"prompt_token_ids": ids}, params, request_id))
         if parsed.stream:
             return await self._stream(request, parsed, request_id, outputs)
         async for out in outputs:
@@ -127,6 +148,19 @@ class Router:
         await response.write(api.SSE_DONE)
         return response
 
+    async def _timed(self, outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
+        """Passes outputs through, observing the time between tokens (a gap spread over the tokens
+        that arrived together)."""
+        last, num_tokens = None, 0
+        async for out in outputs:
+            now = time.perf_counter()
+            new = len(out.token_ids) - num_tokens
+            if last is not None and new > 0:
+                for _ in range(new):
+                    self.itl.observe((now - last) / new)
+            last, num_tokens = now, len(out.token_ids)
+            yield out
+
     def _partial_text(self, out, parsed: api.CompletionRequest) -> str:
         """Text so far, holding back a trailing partial character and anything that could be the
         start of a stop string (the finished text is cut before the stop string)."""
@@ -149,6 +183,56 @@ class Router:
         self.prompt_tokens.inc(len(out.prompt_token_ids))
         self.generation_tokens.inc(len(out.token_ids))
         self.finished.inc(labels={"finished_reason": out.finish_reason or "abort"})
+
+
+async def serve_router(config: RouterConfig) -> None:
+    """The router's main: tokenizer, connections to every host, then the HTTP API until stopped."""
+    secret = resolve_secret(config.secret)
+    with phase("load-tokenizer"):
+        path = resolve_model_path(config.model)
+        tokenizer = load_tokenizer(path)
+        fingerprint = checkpoint_fingerprint(path)
+    # the router holds no KV: its Hello's kv_format and block_size are placeholders no peer checks
+    cluster = Cluster(_addresses(config.prefill_hosts), _addresses(config.decode_hosts),
+                      lambda: make_hello("router", fingerprint, "none", 1), secret)
+    cluster.start()
+    runner = web.AppRunner(Router(cluster, tokenizer, config.served_model_name or config.model,
+                                  config.api_strict).app(), access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, config.host, config.port).start()
+        log.info("listening role=router url=http://%s:%d", config.host, config.port)
+        await wait_for_stop_signal()
+    finally:
+        await runner.cleanup()
+        await cluster.stop()
+
+
+def _addresses(text: str) -> list[str]:
+    found = [a.strip() for a in text.split(",") if a.strip()]
+    for address in found:
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit():
+            raise InvalidRequestError(f"host address {address!r} is not host:port")
+    return found
+
+
+def host_metrics(statuses: list[tuple[str, dict]]) -> list:
+    """Gauges and counters from each host's status: requests, KV cache use, KV bytes moved."""
+    running = Gauge("hma:num_requests_running", "Requests in model execution batches.")
+    waiting = Gauge("hma:num_requests_waiting", "Requests waiting to be processed (or their KV to land).")
+    usage = Gauge("hma:kv_cache_usage_perc", "KV cache usage; 1 means 100 percent.")
+    free = Gauge("hma:kv_cache_free_blocks", "Free KV cache blocks.")
+    sent = Counter("hma:kv_transfer_bytes_total", "KV bytes sent by prefill hosts, framing included.")
+    for host, status in statuses:
+        labels = {"host": host}
+        running.set(status["running"], labels)
+        waiting.set(status["waiting"], labels)
+        free.set(status["num_free_blocks"], labels)
+        usage.set(1 - status["num_free_blocks"] / max(status["num_blocks"], 1), labels)
+        if "kv_bytes_sent" in status:
+            sent.inc(status["kv_bytes_sent"], {**labels, "kv_format": status["kv_format"]})
+    return [running, waiting, usage, free, sent]
 
 
 async def _json(request: web.Request) -> object:

@@ -46,19 +46,31 @@ class Connection:
     peer: Hello
     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
     bytes_sent: int = 0
+    bytes_received: int = 0
+    last_frame_bytes: int = 0  # size of the frame recv() returned last, framing included
 
-    @property
-    def peer_name(self) -> str:
-        host, port = self.writer.get_extra_info("peername")[:2]
-        return f"{self.peer.role}@{host}:{port}"
+    peer_name: str = ""  # role@host:port, fixed at connect time (the socket forgets it once closed)
+
+    def __post_init__(self) -> None:
+        host, port = (self.writer.get_extra_info("peername") or ("?", 0))[:2]
+        self.peer_name = f"{self.peer.role}@{host}:{port}"
 
     async def send(self, msg: Message) -> None:
         """Writes one frame, then waits while the peer's buffer is full (back-pressure)."""
         self.bytes_sent += await _send(self.writer, msg)
 
+    async def send_quietly(self, msg: Message) -> None:
+        """Best effort, for aborts and errors: the peer may be gone already (its reader says so)."""
+        try:
+            await self.send(msg)
+        except (OSError, TimeoutError) as exc:
+            log.debug("could not send %s to peer=%s: %s", msg.TYPE, self.peer_name, exc)
+
     async def recv(self, timeout: float | None = READ_TIMEOUT_S) -> Message:
         """Reads one frame; raises ProtocolError (bad frame), TimeoutError or IncompleteReadError."""
-        return await asyncio.wait_for(_recv(self.reader, self.max_payload_bytes), timeout)
+        msg, self.last_frame_bytes = await asyncio.wait_for(_recv(self.reader, self.max_payload_bytes), timeout)
+        self.bytes_received += self.last_frame_bytes
+        return msg
 
     async def close(self) -> None:
         self.writer.close()
@@ -66,6 +78,20 @@ class Connection:
             await asyncio.wait_for(self.writer.wait_closed(), 1.0)
         except (OSError, TimeoutError):
             pass  # the peer is gone already; nothing is left to release
+
+
+async def for_each_message(conn: Connection, handle: Callable[[Message], Awaitable[None] | None]) -> None:
+    """Hands each message to handle (awaited if it returns an awaitable) until the peer leaves or
+    breaks, which is logged with the reason. No read timeout: idle peers are normal."""
+    try:
+        while True:
+            pending = handle(await conn.recv(timeout=None))
+            if pending is not None:
+                await pending
+    except asyncio.IncompleteReadError:
+        log.info("peer=%s closed its connection", conn.peer_name)
+    except (HMAError, TimeoutError, OSError) as exc:
+        log.warning("dropping peer=%s reason=%s", conn.peer_name, exc or type(exc).__name__)
 
 
 async def _send(writer: asyncio.StreamWriter, msg: Message) -> int:
@@ -76,11 +102,12 @@ async def _send(writer: asyncio.StreamWriter, msg: Message) -> int:
     return sum(memoryview(b).nbytes for b in buffers)
 
 
-async def _recv(reader: asyncio.StreamReader, max_payload_bytes: int) -> Message:
+async def _recv(reader: asyncio.StreamReader, max_payload_bytes: int) -> tuple[Message, int]:
+    """One message and its frame's size in bytes."""
     prefix = await reader.readexactly(FRAME_PREFIX_SIZE)
     header_len, payload_len = parse_prefix(prefix, max_payload_bytes)  # limits before allocating
     body = await reader.readexactly(header_len + payload_len + CHECKSUM_SIZE)
-    return decode_body(body, header_len, payload_len)
+    return decode_body(body, header_len, payload_len), FRAME_PREFIX_SIZE + len(body)
 
 
 async def handshake(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, hello: Hello,
@@ -103,7 +130,7 @@ async def handshake(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, 
 
 
 async def _expect(reader: asyncio.StreamReader, kind: type) -> Message:
-    msg = await _recv(reader, DEFAULT_MAX_PAYLOAD_BYTES)
+    msg, _ = await _recv(reader, DEFAULT_MAX_PAYLOAD_BYTES)
     if isinstance(msg, HelloReject):
         raise HandshakeError(f"the peer refused us: {msg.reason}")
     if not isinstance(msg, kind):
@@ -160,6 +187,8 @@ async def serve(host: str, port: int, hello_factory: Callable[[], Hello], secret
         log.info("connected peer=%s", conn.peer_name)
         try:
             await on_connection(conn)
+        except asyncio.CancelledError:
+            log.info("closing peer=%s: this host is stopping", conn.peer_name)  # not an error
         finally:
             await conn.close()
 

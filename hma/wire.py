@@ -8,7 +8,7 @@ One frame per message; integers little-endian (every supported host is), offsets
   10  payload_len  8   u64      <= the reader's max_payload_bytes
   18  header       header_len   msgpack map {"type": TYPE, field: value, ...}, plain values only
   ..  payload      payload_len  KVLayer: k | k_scales | v | v_scales, each row-major, raw bytes
-                                RequestBegin: prompt_token_ids as u32; every other type: empty
+                                RequestBegin, Generate: prompt_token_ids as u32; others: empty
   ..  checksum     4   u32      zlib.crc32(header + payload)
 
 A reader takes FRAME_PREFIX_SIZE bytes, calls parse_prefix (which refuses a bad frame before
@@ -99,6 +99,17 @@ class RequestBegin:
 
 
 @dataclass(frozen=True, slots=True)
+class Generate:
+    """Router asks a decode host to serve a request, prefilled by the prefill host it names."""
+
+    TYPE: ClassVar[str] = "Generate"
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: dict[str, Any]
+    prefill_host: str  # "host:port"
+
+
+@dataclass(frozen=True, slots=True)
 class BeginReply:
     """Decode accepts a request (its blocks are reserved) or refuses it with a reason."""
 
@@ -106,6 +117,7 @@ class BeginReply:
     request_id: str
     accepted: bool
     reason: str = ""
+    retryable: bool = False  # refused for now (no free blocks), not for good
 
 
 # eq=False: tensors have no single truth value; compare fields in tests instead
@@ -122,6 +134,7 @@ class KVLayer:
     k_scales: torch.Tensor = field(repr=False)  # float16; (..., 0) for unquantized formats
     v: torch.Tensor = field(repr=False)
     v_scales: torch.Tensor = field(repr=False)
+    computed_at: float = 0.0  # sender's time.time() when the layer was computed (for timelines)
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +145,37 @@ class FirstToken:
     request_id: str
     token_id: int
     logprob: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Tokens:
+    """Decode streams a request's new tokens to the router; the last carries finish and text."""
+
+    TYPE: ClassVar[str] = "Tokens"
+    request_id: str
+    token_ids: list[int]
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    text: str = ""  # the finished text (stop strings cut); the router detokenizes partial text
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    """Router asks a host for its status ("status") or one request's timeline ("timeline")."""
+
+    TYPE: ClassVar[str] = "Query"
+    query_id: str
+    what: str
+    request_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class QueryReply:
+    """A host's answer to a Query: plain values only."""
+
+    TYPE: ClassVar[str] = "QueryReply"
+    query_id: str
+    data: dict[str, Any]
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,8 +206,8 @@ class ErrorMessage:
     message: str
 
 
-Message = (Hello | HelloProof | HelloReject | RequestBegin | BeginReply | KVLayer | FirstToken
-           | RequestEnd | Abort | ErrorMessage)
+Message = (Hello | HelloProof | HelloReject | RequestBegin | Generate | BeginReply | KVLayer | FirstToken
+           | Tokens | Query | QueryReply | RequestEnd | Abort | ErrorMessage)
 _KV_TENSORS = ("k", "k_scales", "v", "v_scales")  # payload order
 
 # ---- header fields: (what the value must be, the check) per type; encode and decode share them
@@ -210,21 +254,32 @@ def _is_tensor_specs(v: Any) -> bool:
 
 _ID = _str()
 _TEXT = _str(MAX_HEADER_BYTES)
+_BOOL = ("a bool", lambda v: type(v) is bool)
+_PLAIN_MAP = ("a map of str to plain values", lambda v: type(v) is dict and _is_plain(v))
+_TOKEN_IDS = ("a list of ints in [0, 2**32)", lambda v: type(v) is list and len(v) <= MAX_HEADER_BYTES
+              and all(type(t) is int and 0 <= t < (1 << 32) for t in v))
 _SCHEMAS: dict[type, dict[str, _Check]] = {
     Hello: {"version": _int(), "role": _str(choices=ROLES), "model_fingerprint": _ID,
             "kv_format": _ID, "block_size": _int(1), "nonce": _bytes(NONCE_BYTES, MAX_NONCE_BYTES)},
     HelloProof: {"mac": _bytes(32, 32)},
     HelloReject: {"reason": _TEXT},
     # prompt_token_ids travel in the payload: 1M of them would not fit in MAX_HEADER_BYTES
-    RequestBegin: {"request_id": _ID, "sampling": ("a map of str to plain values",
-                                                   lambda v: type(v) is dict and _is_plain(v)),
+    RequestBegin: {"request_id": _ID, "sampling": _PLAIN_MAP,
                    "num_layers": _int(1), "kv_format": _ID, "num_kv_heads": _int(1), "head_dim": _int(1)},
-    BeginReply: {"request_id": _ID, "accepted": ("a bool", lambda v: type(v) is bool), "reason": _TEXT},
+    Generate: {"request_id": _ID, "sampling": _PLAIN_MAP, "prefill_host": _ID},
+    BeginReply: {"request_id": _ID, "accepted": _BOOL, "reason": _TEXT, "retryable": _BOOL},
     KVLayer: {"request_id": _ID, "layer": _int(), "token_start": _int(), "token_end": _int(),
+              "computed_at": ("a float", lambda v: type(v) is float),
               "tensors": (f"4 [dtype, [num_tokens, num_kv_heads, X]] with dtype in {', '.join(KV_DTYPES)}",
                           _is_tensor_specs)},
     FirstToken: {"request_id": _ID, "token_id": _int(),
                  "logprob": ("a float or None", lambda v: v is None or type(v) is float)},
+    Tokens: {"request_id": _ID, "token_ids": _TOKEN_IDS,
+             "finish_reason": ("None or " + _ID[0], lambda v: v is None or _ID[1](v)),
+             "stop_reason": ("None, an int or a str", lambda v: v is None or type(v) in (int, str) and _is_plain(v)),
+             "text": _TEXT},
+    Query: {"query_id": _ID, "what": _ID, "request_id": _ID},
+    QueryReply: {"query_id": _ID, "data": _PLAIN_MAP},
     RequestEnd: {"request_id": _ID, "num_tokens": _int()},
     Abort: {"request_id": _ID, "reason": _TEXT},
     ErrorMessage: {"request_id": ("None or " + _ID[0], lambda v: v is None or _ID[1](v)),
@@ -249,9 +304,9 @@ def _check_header(header: Any, payload_len: int) -> type:
             raise ProtocolError(f"{cls.TYPE}.{name} must be {wanted}; got {header[name]!r:.80}")
     if cls is KVLayer:
         _check_kv_layer(header, payload_len)
-    elif cls is RequestBegin:
+    elif cls in (RequestBegin, Generate):
         if payload_len % 4 or payload_len // 4 > MAX_PROMPT_TOKENS:
-            raise ProtocolError(f"RequestBegin payload of {payload_len} bytes is not at most "
+            raise ProtocolError(f"{cls.TYPE} payload of {payload_len} bytes is not at most "
                                 f"{MAX_PROMPT_TOKENS} u32 token ids")
     elif payload_len:
         raise ProtocolError(f"{cls.TYPE} carries no payload; frame declares {payload_len} bytes")
@@ -304,7 +359,7 @@ def _header_and_payload(msg: Message) -> tuple[dict[str, Any], list[memoryview]]
         tensors = [getattr(msg, name) for name in _KV_TENSORS]
         header["tensors"] = [[str(t.dtype).removeprefix("torch."), list(t.shape)] for t in tensors]
         return header, [_tensor_bytes(t) for t in tensors]
-    if isinstance(msg, RequestBegin):
+    if isinstance(msg, (RequestBegin, Generate)):
         return header, [_token_bytes(msg.prompt_token_ids)]
     return header, []
 
@@ -318,7 +373,7 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
 def _token_bytes(token_ids: list[int]) -> memoryview:
     if not (type(token_ids) is list and len(token_ids) <= MAX_PROMPT_TOKENS
             and all(type(t) is int and 0 <= t < (1 << 32) for t in token_ids)):
-        raise ProtocolError(f"RequestBegin.prompt_token_ids must be a list of at most "
+        raise ProtocolError(f"prompt_token_ids must be a list of at most "
                             f"{MAX_PROMPT_TOKENS} ints in [0, 2**32)")
     return memoryview(np.asarray(token_ids, dtype="<u4")).cast("B")  # bytes, so len() counts bytes
 
@@ -367,7 +422,7 @@ def _message_from(cls: type, header: dict[str, Any], payload: memoryview) -> Mes
         offset = 0
         for name, (dtype, shape) in zip(_KV_TENSORS, fields.pop("tensors")):
             fields[name], offset = _tensor_from(payload, offset, KV_DTYPES[dtype], shape)
-    elif cls is RequestBegin:
+    elif cls in (RequestBegin, Generate):
         fields["prompt_token_ids"] = np.frombuffer(payload, dtype="<u4").tolist()
     return cls(**fields)
 

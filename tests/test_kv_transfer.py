@@ -7,7 +7,7 @@ from hma.batch import Batch, SeqChunk
 from hma.errors import ProtocolError
 from hma.kv_cache import KVCache
 from hma.kv_formats import get_kv_format
-from hma.kv_transfer import put_layer_kv, take_layer_kv
+from hma.kv_transfer import put_layer_kv, take_layer_kv, token_slots
 from hma.wire import FrameDecoder, encode_bytes
 from tests.helpers import hma_model_from_hf, tiny_hf_model
 
@@ -27,7 +27,7 @@ def _prefill_and_ship(model, fmt: str) -> list:
 
     def on_layer(i: int) -> None:
         order.append(i)
-        msg = take_layer_kv(cache, i, "r1", blocks, 0, len(PROMPT))
+        msg = take_layer_kv(cache, i, "r1", token_slots(cache, blocks, 0, len(PROMPT)), 0)
         sent.append(FrameDecoder().feed(encode_bytes(msg))[0])  # through the wire format
 
     logits = model(Batch.build([SeqChunk(PROMPT, 0, blocks)], [], 4, "cpu"), cache, on_layer)

@@ -20,7 +20,7 @@ def engine(demo_model_path):
 async def client(engine):
     backend = AsyncEngine(engine)
     backend.start()
-    router = Router(backend, engine.tokenizer, "demo", engine.max_model_len)
+    router = Router(backend, engine.tokenizer, "demo")
     async with TestClient(TestServer(router.app())) as client:
         yield client
     backend.stop()

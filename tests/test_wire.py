@@ -13,7 +13,7 @@ import torch
 
 from hma.errors import ProtocolError
 from hma.kv_formats import get_kv_format
-from hma.wire import (
+from hma.wire import (Generate, Query, QueryReply, Tokens, 
     FRAME_PREFIX_SIZE, MAGIC, MAX_HEADER_BYTES, PROTOCOL_VERSION, Abort, BeginReply,
     ErrorMessage, FirstToken, FrameDecoder, HelloProof, HelloReject, KVLayer, RequestBegin,
     RequestEnd, check_proof, decode_body, encode, encode_bytes, kv_layer_bytes, make_hello, make_proof,
@@ -41,7 +41,13 @@ HEADER_MESSAGES = [
                                                          "logit_bias": {"5": -1.5}}, 28, "fp8", 8, 128),
     RequestBegin("req-8", [], {}, 1, "bf16", 1, 64),
     BeginReply("req-7", True),
-    BeginReply("req-7", False, "no free blocks"),
+    BeginReply("req-7", False, "no free blocks", retryable=True),
+    Generate("req-9", [3, 1, 4], {"max_tokens": 8, "stop_token_ids": [2]}, "10.0.0.5:8100"),
+    Tokens("req-9", [17, 4]),
+    Tokens("req-9", [], "stop", "\n\n", "Paris."),
+    Tokens("req-9", [2], "stop", 2, "Paris."),
+    Query("q-1", "timeline", "req-9"),
+    QueryReply("q-1", {"layers": [[0, 1.5, 1.75]], "kv_format": "int8", "first_token_at": None}),
     FirstToken("req-7", 42, -0.25),
     FirstToken("req-7", 42),
     RequestEnd("req-7", 5),

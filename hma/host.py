@@ -1,0 +1,75 @@
+"""What every host process shares at start-up: timed phases in the log, the shared secret, and
+listening for authenticated peers. A host listens only once it is loaded and warm, so a router
+that completes a handshake with it knows it is ready (that is what /health reports).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from collections.abc import Awaitable, Callable, Iterator
+
+from hma.checkpoint import checkpoint_fingerprint, resolve_model_path
+from hma.config import EngineConfig
+from hma.engine import LLMEngine
+from hma.errors import InvalidRequestError
+from hma.transport import Connection, serve
+from hma.wire import Hello, make_hello
+
+log = logging.getLogger(__name__)
+
+SECRET_ENV = "HMA_SECRET"
+DEFAULT_PORTS = {"prefill": 8100, "decode": 8200}
+
+
+def resolve_secret(flag: str | None) -> bytes:
+    """--secret, else $HMA_SECRET; every host and the router must be given the same one."""
+    secret = flag or os.environ.get(SECRET_ENV)
+    if not secret:
+        raise InvalidRequestError(f"no shared secret: pass --secret or set {SECRET_ENV} "
+                                  "(the same on every host and the router)")
+    return secret.encode()
+
+
+@contextlib.contextmanager
+def phase(name: str) -> Iterator[None]:
+    """Logs one start-up phase with its duration."""
+    t0 = time.perf_counter()
+    log.info("phase=%s started", name)
+    yield
+    log.info("phase=%s done seconds=%.2f", name, time.perf_counter() - t0)
+
+
+def load_engine(config: EngineConfig, role: str) -> tuple[LLMEngine, Callable[[], Hello]]:
+    """The role's engine (weights, KV cache) and the Hello it greets peers with."""
+    with phase("load"):
+        engine = LLMEngine.from_config(config)
+    fingerprint = checkpoint_fingerprint(resolve_model_path(config.model))
+    kv, block_size = engine.kv_cache.format.name, engine.kv_cache.block_size
+    log.info("role=%s kv_format=%s block_size=%d num_blocks=%d max_model_len=%d", role, kv, block_size,
+             engine.kv_cache.num_blocks, engine.max_model_len)
+    return engine, lambda: make_hello(role, fingerprint, kv, block_size)
+
+
+async def listen_until_stopped(host: str, port: int, hello: Callable[[], Hello], secret: bytes,
+                               on_connection: Callable[[Connection], Awaitable[None]]) -> None:
+    """Accepts peers until SIGINT or SIGTERM."""
+    server = await serve(host, port, hello, secret, on_connection)
+    bound = server.sockets[0].getsockname()
+    log.info("listening role=%s address=%s:%d", hello().role, bound[0], bound[1])
+    async with server:
+        await wait_for_stop_signal()
+    log.info("stopped role=%s", hello().role)
+
+
+async def wait_for_stop_signal() -> None:
+    """Returns on SIGINT or SIGTERM."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()

@@ -1,0 +1,237 @@
+"""The router's side of the hosts: one authenticated connection per prefill and decode host, kept
+open (and reopened when lost), replies sorted by request id, and host choice by outstanding work.
+
+A request: take the prefill host and the decode host with the fewest requests in flight from this
+router; send Generate to the decode host, naming the prefill host. A refusal for lack of KV blocks
+moves on to the next decode host; when every one refuses, the request waits (bounded) until some
+request ends, then tries again; a permanent refusal or the wait running out is an error. Then
+tokens stream back from the decode host as RequestOutputs. A host counts as ready once its
+handshake and first status query succeed: hosts listen only when loaded and warm.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+from hma.errors import HMAError, InvalidRequestError, ServiceUnavailableError
+from hma.request import Request, RequestOutput, RequestStatus
+from hma.sampling import SamplingParams
+from hma.transport import Connection, HandshakeError, connect
+from hma.wire import Abort, BeginReply, ErrorMessage, Generate, Hello, Message, Query, QueryReply, Tokens
+
+log = logging.getLogger(__name__)
+
+RECONNECT_S = 0.5
+QUERY_TIMEOUT_S = 5.0
+BEGIN_TIMEOUT_S = 60.0  # a decode host answers once the prefill host queued the request
+PLACEMENT_TIMEOUT_S = 30.0  # the longest a request waits for KV blocks to free up somewhere
+
+
+@dataclass(slots=True, eq=False)
+class HostLink:
+    """The router's connection to one host, and what the router has in flight there."""
+
+    role: str
+    address: str  # host:port
+    conn: Connection | None = None  # set while connected and ready
+    status: dict = field(default_factory=dict)  # the first status query's answer
+    num_outstanding: int = 0
+    replies: dict[str, asyncio.Queue] = field(default_factory=dict)  # request or query id -> its messages
+
+    async def keep_connected(self, hello: Callable[[], Hello], secret: bytes) -> None:
+        """Connects, serves the connection until it breaks, and starts again, forever."""
+        host, _, port = self.address.rpartition(":")
+        while True:
+            try:
+                conn = await connect(host, int(port), hello(), secret)
+            except (OSError, TimeoutError, HandshakeError) as exc:
+                log.debug("%s host=%s not reachable yet: %s", self.role, self.address, exc)
+                await asyncio.sleep(RECONNECT_S)
+                continue
+            await self._serve(conn)
+            await asyncio.sleep(RECONNECT_S)
+
+    async def _serve(self, conn: Connection) -> None:
+        reader = asyncio.create_task(self._read(conn))
+        try:
+            self.status = await self.query("status", conn=conn)
+            self.conn = conn
+            log.info("%s host=%s ready: %s", self.role, self.address, self.status)
+            await reader
+        except (HMAError, TimeoutError, OSError, asyncio.IncompleteReadError) as exc:
+            log.warning("%s host=%s lost: %s", self.role, self.address, exc or type(exc).__name__)
+        finally:
+            reader.cancel()
+            self.conn = None
+            lost = ServiceUnavailableError(f"lost the {self.role} host {self.address}")
+            for replies in self.replies.values():
+                replies.put_nowait(lost)
+            await conn.close()
+
+    async def _read(self, conn: Connection) -> None:
+        while True:
+            msg = await conn.recv(timeout=None)
+            key = msg.query_id if isinstance(msg, QueryReply) else getattr(msg, "request_id", None)
+            if key in self.replies:
+                self.replies[key].put_nowait(msg)
+
+    async def query(self, what: str, request_id: str = "", conn: Connection | None = None) -> dict:
+        """Asks the host for its status or a request's timeline."""
+        conn = conn or self.conn
+        if conn is None:
+            raise ServiceUnavailableError(f"{self.role} host {self.address} is not connected")
+        query_id = f"q-{next(_query_ids)}"
+        replies = self.replies[query_id] = asyncio.Queue()
+        try:
+            await conn.send(Query(query_id, what, request_id))
+            reply = await asyncio.wait_for(replies.get(), QUERY_TIMEOUT_S)
+        finally:
+            del self.replies[query_id]
+        if isinstance(reply, Exception):
+            raise reply
+        return reply.data
+
+
+_query_ids = itertools.count()
+
+
+class Cluster:
+    """Prefill and decode hosts behind one async generate(), the backend of the router."""
+
+    def __init__(self, prefill_addresses: list[str], decode_addresses: list[str],
+                 hello: Callable[[], Hello], secret: bytes) -> None:
+        if not prefill_addresses or not decode_addresses:
+            raise InvalidRequestError("give at least one prefill host and one decode host")
+        self.prefills = [HostLink("prefill", a) for a in prefill_addresses]
+        self.decodes = [HostLink("decode", a) for a in decode_addresses]
+        self.hello, self.secret = hello, secret
+        self.request_ended = asyncio.Event()
+        self.tasks: list[asyncio.Task] = []
+
+    @property
+    def hosts(self) -> list[HostLink]:
+        return self.prefills + self.decodes
+
+    def start(self) -> None:
+        self.tasks = [asyncio.create_task(h.keep_connected(self.hello, self.secret)) for h in self.hosts]
+
+    async def stop(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+    @property
+    def is_ready(self) -> bool:
+        return all(h.conn is not None for h in self.hosts)
+
+    @property
+    def max_model_len(self) -> int:
+        """The longest request every decode host can hold (0 until one is connected)."""
+        return min((h.status["max_model_len"] for h in self.decodes if h.conn), default=0)
+
+    async def generate(self, prompt: dict, params: SamplingParams,
+                       request_id: str) -> AsyncIterator[RequestOutput]:
+        """Places the request, then yields its output as each batch of tokens arrives."""
+        req = Request(request_id, list(prompt["prompt_token_ids"]), params)
+        decode, prefill, replies = await self._place(req)
+        try:
+            while not req.is_finished:
+                msg = await replies.get()
+                if prefill is not None:  # the first message ends the prefill host's part
+                    prefill.num_outstanding -= 1
+                    prefill = None
+                yield self._advance(req, msg)
+        finally:
+            if prefill is not None:
+                prefill.num_outstanding -= 1
+            decode.num_outstanding -= 1
+            decode.replies.pop(request_id, None)
+            if not req.is_finished and decode.conn is not None:
+                await decode.conn.send_quietly(Abort(request_id, "the client went away"))
+            self.request_ended.set()
+
+    @staticmethod
+    def _advance(req: Request, msg: Message | Exception) -> RequestOutput:
+        if isinstance(msg, Exception):
+            raise msg
+        if isinstance(msg, ErrorMessage):
+            raise ServiceUnavailableError(f"the request failed on its way: {msg.message}")
+        if not isinstance(msg, Tokens):
+            raise ServiceUnavailableError(f"the decode host sent {msg.TYPE} mid-stream")
+        now = time.time()
+        req.output_token_ids += msg.token_ids
+        req.metrics.first_token_time = req.metrics.first_token_time or now
+        if msg.finish_reason is not None:
+            req.status, req.finish_reason, req.stop_reason = RequestStatus.FINISHED, msg.finish_reason, msg.stop_reason
+            req.output_text, req.metrics.finished_time = msg.text, now
+        return RequestOutput.of(req)
+
+    async def _place(self, req: Request) -> tuple[HostLink, HostLink, asyncio.Queue]:
+        """The decode host that accepted the request, its prefill host, and its reply queue."""
+        deadline = time.monotonic() + PLACEMENT_TIMEOUT_S
+        sampling = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(req.sampling_params).items()}
+        while True:
+            prefill = _least_loaded(self.prefills)
+            decodes = sorted((h for h in self.decodes if h.conn), key=lambda h: h.num_outstanding)
+            if prefill is None or not decodes:
+                raise ServiceUnavailableError("no prefill or no decode host is connected")
+            reasons = []
+            for decode in decodes:
+                reply, replies = await self._try(decode, prefill, Generate(req.request_id, req.prompt_token_ids,
+                                                                           sampling, prefill.address))
+                if reply.accepted:
+                    return decode, prefill, replies
+                if not reply.retryable:
+                    raise ServiceUnavailableError(f"decode host {decode.address} refused the request: {reply.reason}")
+                reasons.append(f"{decode.address}: {reply.reason}")
+            self.request_ended.clear()
+            try:
+                await asyncio.wait_for(self.request_ended.wait(), deadline - time.monotonic())
+            except TimeoutError:
+                raise ServiceUnavailableError(f"no decode host could take the request within "
+                                              f"{PLACEMENT_TIMEOUT_S:.0f} s ({'; '.join(reasons)})") from None
+
+    async def _try(self, decode: HostLink, prefill: HostLink, msg: Generate) -> tuple[BeginReply, asyncio.Queue]:
+        """Sends Generate and waits for the decode host's answer; counts the request as in flight
+        on both hosts while it is accepted."""
+        replies = decode.replies[msg.request_id] = asyncio.Queue()
+        decode.num_outstanding += 1
+        prefill.num_outstanding += 1
+        try:
+            await decode.conn.send(msg)
+            reply = await asyncio.wait_for(replies.get(), BEGIN_TIMEOUT_S)
+        except (OSError, TimeoutError, AttributeError) as exc:  # AttributeError: conn lost meanwhile
+            reply = BeginReply(msg.request_id, False, f"no answer: {exc or type(exc).__name__}", retryable=True)
+        if isinstance(reply, ErrorMessage):
+            reply = BeginReply(msg.request_id, False, reply.message)
+        elif isinstance(reply, Exception):
+            reply = BeginReply(msg.request_id, False, str(reply), retryable=True)
+        if not reply.accepted:
+            decode.num_outstanding -= 1
+            prefill.num_outstanding -= 1
+            del decode.replies[msg.request_id]
+        return reply, replies
+
+    async def host_status(self) -> list[tuple[str, dict]]:
+        """Each connected host's current status (hosts that do not answer in time are left out)."""
+        answers = await asyncio.gather(*(h.query("status") for h in self.hosts if h.conn), return_exceptions=True)
+        connected = [h for h in self.hosts if h.conn]
+        return [(f"{h.role}@{h.address}", a) for h, a in zip(connected, answers) if isinstance(a, dict)]
+
+    async def timeline(self, request_id: str) -> dict:
+        """A request's per-layer timeline, from whichever decode host served it."""
+        for host in self.decodes:
+            if host.conn is not None and (found := await host.query("timeline", request_id)):
+                return found
+        return {}
+
+
+def _least_loaded(hosts: list[HostLink]) -> HostLink | None:
+    return min((h for h in hosts if h.conn), key=lambda h: h.num_outstanding, default=None)
+

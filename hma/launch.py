@@ -1,0 +1,133 @@
+"""Starts the three roles as separate local processes and waits until the router says healthy;
+`python -m hma demo` and the process-level tests use it. Each process logs to its own file
+(printed when a process dies early); stop() sends SIGTERM, then SIGKILL after a grace period.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hma.errors import ServiceUnavailableError
+
+START_TIMEOUT_S = 300.0
+STOP_GRACE_S = 10.0
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class LocalCluster:
+    """A prefill host, a decode host and a router, each its own process on this machine."""
+
+    model: str = "demo"
+    prefill_flags: list[str] = field(default_factory=list)
+    decode_flags: list[str] = field(default_factory=list)
+    router_flags: list[str] = field(default_factory=list)
+    prefix: dict[str, list[str]] = field(default_factory=dict)  # role -> command prefix (ip netns exec ...)
+    prefill_address: str = ""  # host:port the prefill host listens on (default: a free loopback port)
+    log_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="hma-cluster-")))
+    processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    secret: str = field(default_factory=lambda: secrets.token_hex(16))
+    router_port: int = 0
+    decode_address: str = ""
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.router_port}"
+
+    def start(self, timeout: float = START_TIMEOUT_S) -> LocalCluster:
+        prefill = self.prefill_address or f"127.0.0.1:{free_port()}"
+        decode = self.decode_address = f"127.0.0.1:{free_port()}"
+        self.router_port = free_port()
+        pf_host, _, pf_port = prefill.rpartition(":")
+        self._spawn("prefill", ["--host", pf_host, "--port", pf_port, "--model", self.model, *self.prefill_flags])
+        self._spawn("decode", ["--port", decode.rpartition(":")[2], "--model", self.model, *self.decode_flags])
+        self._spawn("router", ["--port", str(self.router_port), "--model", self.model, "--prefill-hosts", prefill,
+                               "--decode-hosts", decode, *self.router_flags])
+        try:
+            self._wait_healthy(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _spawn(self, role: str, flags: list[str]) -> None:
+        env = {**os.environ, "HMA_SECRET": self.secret, "PYTHONUNBUFFERED": "1"}
+        command = [*self.prefix.get(role, []), sys.executable, "-m", "hma", role, *flags]
+        with open(self.log_dir / f"{role}.log", "w") as log_file:
+            self.processes[role] = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env)
+
+    def _wait_healthy(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for role, proc in self.processes.items():
+                if proc.poll() is not None:
+                    raise ServiceUnavailableError(f"the {role} process exited with {proc.returncode}:\n"
+                                                  f"{self.log_tail(role)}")
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass  # not up yet, or 503 while hosts load
+            time.sleep(0.25)
+        raise ServiceUnavailableError(f"the cluster was not healthy within {timeout:.0f} s; logs in {self.log_dir}")
+
+    def log_tail(self, role: str, num_lines: int = 30) -> str:
+        lines = (self.log_dir / f"{role}.log").read_text(errors="replace").splitlines()
+        return "\n".join(lines[-num_lines:])
+
+    def stop(self) -> None:
+        for proc in self.processes.values():
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.processes.values():
+            try:
+                proc.wait(STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def __enter__(self) -> LocalCluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def post_json(url: str, body: dict, timeout: float = 300.0) -> tuple[int, dict]:
+    """POSTs JSON; returns (status, parsed body), error statuses included."""
+    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+
+
+def stream_chat(url: str, body: dict, timeout: float = 300.0) -> list[tuple[float, dict]]:
+    """POSTs a streaming request; returns each SSE event's (arrival time, parsed data), [DONE] left out."""
+    request = urllib.request.Request(url, json.dumps({**body, "stream": True}).encode(),
+                                     {"Content-Type": "application/json"})
+    events = []
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        for raw in response:
+            line = raw.decode().strip()
+            if line.startswith("data: ") and line != "data: [DONE]":
+                events.append((time.perf_counter(), json.loads(line.removeprefix("data: "))))
+    return events
