@@ -171,6 +171,9 @@ class HostConfig:
         "help": "shared secret of the hosts' handshake (default: $HMA_SECRET)"})
     pipeline: bool = field(default=True, metadata={
         "help": "prefill only: send each layer's KV as it finishes (--no-pipeline: after the last)"})
+    landing_timeout_s: float = field(default=120.0, metadata={
+        "help": "decode only: a request whose KV has not fully landed this long after the prefill host "
+                "took it fails and frees its blocks"})
 
 
 @dataclass(frozen=True, slots=True)

@@ -140,8 +140,10 @@ class KVLanding:
 class DecodeServer:
     """Serves routers' Generate requests; pulls each prompt's KV from the prefill host it names."""
 
-    def __init__(self, engine: LLMEngine, hello: Callable[[], Hello], secret: bytes) -> None:
+    def __init__(self, engine: LLMEngine, hello: Callable[[], Hello], secret: bytes,
+                 landing_timeout_s: float = 120.0) -> None:
         self.worker = AsyncEngine(engine)
+        self.landing_timeout_s = landing_timeout_s
         self.landing = KVLanding(engine)  # worker thread only
         self.hello, self.secret = hello, secret
         self.links: dict[str, asyncio.Task] = {}  # prefill "host:port" -> its (opening) Connection
@@ -196,8 +198,17 @@ class DecodeServer:
                     await link.send_quietly(Abort(rid, "aborted by the decode host"))
 
     async def _stream_tokens(self, conn: Connection, request_id: str, stream: OutputStream) -> None:
-        num_sent = 0
-        async for out in stream:
+        """Forwards outputs as Tokens; a request whose KV has not landed in time fails (no hang)."""
+        num_sent, outputs = 0, aiter(stream)
+        while True:
+            try:
+                out = await (asyncio.wait_for(anext(outputs), self.landing_timeout_s) if num_sent == 0
+                             else anext(outputs))
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                raise ServiceUnavailableError(f"the KV of request {request_id} did not land within "
+                                              f"{self.landing_timeout_s:g} s") from None
             done = out.finished
             await conn.send(Tokens(request_id, out.token_ids[num_sent:], out.finish_reason if done else None,
                                    out.outputs[0].stop_reason if done else None, out.text if done else ""))
@@ -335,7 +346,7 @@ async def serve_decode(engine_config: EngineConfig, host_config: HostConfig) -> 
     engine, hello = load_engine(engine_config, "decode")
     with phase("warm-up"):
         warm_up(engine)
-    server = DecodeServer(engine, hello, secret)
+    server = DecodeServer(engine, hello, secret, host_config.landing_timeout_s)
     server.worker.start()
     try:
         await listen_until_stopped(host_config.host, host_config.port or DEFAULT_PORTS["decode"], hello,

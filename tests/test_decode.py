@@ -71,3 +71,41 @@ def test_abort_and_a_lost_peer_free_the_blocks_of_their_requests():
     assert landing.drop_peer("p1") == ["r3"]
     assert decode.kv_cache.allocator.num_free == 16 - 3 and list(landing.pending) == ["r2"]
     assert landing.receive(Abort("r1", "late")) is None  # crossing aborts are harmless
+
+
+async def test_a_prefill_host_that_goes_silent_fails_the_request_and_frees_its_blocks():
+    import asyncio
+
+    from hma.decode import DecodeServer
+    from hma.transport import connect, serve
+    from hma.wire import BeginReply, ErrorMessage, Generate, make_hello
+
+    decode = engine_from_hf(tiny_hf_model("Qwen3ForCausalLM"), num_blocks=16, block_size=4, kv_dtype="int8")
+    server = DecodeServer(decode, lambda: make_hello("decode", "m", "int8", 4), b"k", landing_timeout_s=0.5)
+    server.worker.start()
+
+    async def silent_prefill(conn) -> None:  # takes the request, then never sends its KV
+        begin = await conn.recv()
+        await conn.send(BeginReply(begin.request_id, True))
+        await asyncio.sleep(30)
+
+    prefill = await serve("127.0.0.1", 0, lambda: make_hello("prefill", "m", "int8", 4), b"k", silent_prefill)
+    listener = await serve("127.0.0.1", 0, lambda: make_hello("decode", "m", "int8", 4), b"k", server.serve_router)
+    router = await connect("127.0.0.1", listener.sockets[0].getsockname()[1], make_hello("router", "m", "none", 1), b"k")
+    try:
+        address = f"127.0.0.1:{prefill.sockets[0].getsockname()[1]}"
+        await router.send(Generate("stuck", PROMPT, GREEDY, address))
+        assert (await router.recv(timeout=10)).accepted
+        assert decode.kv_cache.allocator.num_free == 16 - 3
+        failed = await router.recv(timeout=10)
+        assert isinstance(failed, ErrorMessage) and "did not land within 0.5 s" in failed.message
+        for _ in range(50):
+            if decode.kv_cache.allocator.num_free == 16:
+                break
+            await asyncio.sleep(0.02)
+        assert decode.kv_cache.allocator.num_free == 16 and not server.landing.pending
+    finally:
+        await router.close()
+        prefill.close()
+        listener.close()
+        server.worker.stop()
