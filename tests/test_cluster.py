@@ -206,7 +206,7 @@ def test_8_bit_kv_sends_at_most_0_53x_the_bytes_of_bf16(cluster, bf16_cluster):
 
 
 NETNS, VETH, PREFILL_IP, DECODE_IP = f"hma-test-{os.getpid()}", f"hmat{os.getpid() % 100000}", "10.77.0.1", "10.77.0.2"
-LINK_RATE = "200mbit"
+LINK_RATE = "50mbit"
 
 
 def _run(*command: str) -> None:
