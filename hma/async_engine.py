@@ -70,11 +70,20 @@ class AsyncEngine:
     def is_ready(self) -> bool:
         return self._thread.is_alive()
 
-    async def host_status(self) -> list[tuple[str, dict]]:
-        """This engine's load, named as a host (read from the loop: a snapshot, not a lock)."""
+    def status(self) -> dict:
+        """The engine's load and KV cache (read from the loop: a snapshot, not a lock)."""
         scheduler, cache = self.engine.scheduler, self.engine.kv_cache
-        return [("local", {"running": len(scheduler.running), "waiting": len(scheduler.waiting),
-                           "num_blocks": cache.num_blocks, "num_free_blocks": cache.allocator.num_free})]
+        return {"running": len(scheduler.running), "waiting": len(scheduler.waiting),
+                "num_blocks": cache.num_blocks, "num_free_blocks": cache.allocator.num_free,
+                "kv_format": cache.format.name, "max_model_len": self.engine.max_model_len}
+
+    async def host_status(self) -> list[tuple[str, dict]]:
+        """This engine's status, named as a host (the router's /metrics asks every backend)."""
+        return [("local", self.status())]
+
+    async def timeline(self, request_id: str) -> dict:
+        """No KV moves between hosts here, so no request has a transfer timeline."""
+        return {}
 
     def start(self) -> None:
         self._thread.start()

@@ -23,14 +23,14 @@ from dataclasses import dataclass, field
 from hma.async_engine import AsyncEngine, OutputStream
 from hma.config import EngineConfig, HostConfig
 from hma.engine import LLMEngine, run_to_completion
-from hma.errors import HMAError, ProtocolError, ServiceUnavailableError
+from hma.errors import HMAError, InvalidRequestError, ProtocolError, ServiceUnavailableError
 from hma.host import DEFAULT_PORTS, listen_until_stopped, load_engine, phase, resolve_secret
 from hma.kv_cache import blocks_for
 from hma.kv_formats import KVFormat, get_kv_format
 from hma.kv_transfer import put_layer_kv
 from hma.request import Request
 from hma.sampling import SamplingParams
-from hma.transport import Connection, HandshakeError, connect, for_each_message
+from hma.transport import Connection, HandshakeError, connect, for_each_message, parse_address
 from hma.wire import (Abort, BeginReply, ErrorMessage, FirstToken, Generate, Hello, KVLayer, Message, Query,
                       QueryReply, RequestBegin, RequestEnd, Tokens, kv_layer_bytes)
 
@@ -134,7 +134,6 @@ class KVLanding:
         self.engine.kv_cache.allocator.free(landing.request.block_ids)
         landing.request.block_ids = []
         log.info("aborted request_id=%s reason=%s", request_id, reason)
-
 
 
 class DecodeServer:
@@ -248,13 +247,12 @@ class DecodeServer:
             task = self.links[address] = asyncio.ensure_future(self._open_link(address))
         try:
             return await asyncio.shield(task)
-        except (OSError, TimeoutError, HandshakeError, ValueError) as exc:
+        except (OSError, TimeoutError, HandshakeError, InvalidRequestError) as exc:
             raise ServiceUnavailableError(f"prefill host {address} is unreachable: "
                                           f"{exc or type(exc).__name__}") from None
 
     async def _open_link(self, address: str) -> Connection:
-        host, _, port = address.rpartition(":")
-        conn = await connect(host, int(port), self.hello(), self.secret)
+        conn = await connect(*parse_address(address), self.hello(), self.secret)
         log.info("connected prefill host=%s kv_format=%s", address, conn.peer.kv_format)
         reader = asyncio.create_task(self._read_link(conn, address))
         self.link_readers.add(reader)
@@ -327,12 +325,9 @@ class DecodeServer:
     def _answer(self, query: Query) -> dict:
         if query.what == "timeline":
             return self.timelines.get(query.request_id, {})
-        engine = self.worker.engine
-        return {"role": "decode", "running": len(engine.scheduler.running),
-                "waiting": len(engine.scheduler.waiting) + len(self.landing.pending),
-                "num_blocks": engine.kv_cache.num_blocks, "num_free_blocks": engine.kv_cache.allocator.num_free,
-                "kv_format": engine.kv_cache.format.name, "kv_bytes_received": self.kv_bytes_received,
-                "max_model_len": engine.max_model_len}
+        status = self.worker.status()
+        return {**status, "role": "decode", "waiting": status["waiting"] + len(self.landing.pending),
+                "kv_bytes_received": self.kv_bytes_received}
 
 
 def warm_up(engine: LLMEngine) -> None:

@@ -25,7 +25,7 @@ from hma.errors import InvalidRequestError, RequestTooLargeError
 from hma.kv_cache import KVCache, blocks_for, bytes_per_block, kv_budget_bytes
 from hma.kv_formats import KVFormat, get_kv_format
 from hma.qwen3 import Qwen3ForCausalLM
-from hma.request import Request, RequestOutput, RequestStatus
+from hma.request import Request, RequestOutput
 from hma.sampling import SamplingParams, make_generator, sample
 from hma.scheduler import Scheduler
 

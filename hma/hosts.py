@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from hma.errors import HMAError, InvalidRequestError, ServiceUnavailableError
 from hma.request import Request, RequestOutput, RequestStatus
 from hma.sampling import SamplingParams
-from hma.transport import Connection, HandshakeError, connect
+from hma.transport import Connection, HandshakeError, connect, for_each_message, parse_address
 from hma.wire import Abort, BeginReply, ErrorMessage, Generate, Hello, Message, Query, QueryReply, Tokens
 
 log = logging.getLogger(__name__)
@@ -46,10 +46,10 @@ class HostLink:
 
     async def keep_connected(self, hello: Callable[[], Hello], secret: bytes) -> None:
         """Connects, serves the connection until it breaks, and starts again, forever."""
-        host, _, port = self.address.rpartition(":")
+        host, port = parse_address(self.address)
         while True:
             try:
-                conn = await connect(host, int(port), hello(), secret)
+                conn = await connect(host, port, hello(), secret)
             except (OSError, TimeoutError, HandshakeError) as exc:
                 log.debug("%s host=%s not reachable yet: %s", self.role, self.address, exc)
                 await asyncio.sleep(RECONNECT_S)
@@ -58,13 +58,13 @@ class HostLink:
             await asyncio.sleep(RECONNECT_S)
 
     async def _serve(self, conn: Connection) -> None:
-        reader = asyncio.create_task(self._read(conn))
+        reader = asyncio.create_task(for_each_message(conn, self._sort_reply))
         try:
             self.status = await self.query("status", conn=conn)
             self.conn = conn
             log.info("%s host=%s ready: %s", self.role, self.address, self.status)
             await reader
-        except (HMAError, TimeoutError, OSError, asyncio.IncompleteReadError) as exc:
+        except (HMAError, TimeoutError, OSError) as exc:  # the first query failed
             log.warning("%s host=%s lost: %s", self.role, self.address, exc or type(exc).__name__)
         finally:
             reader.cancel()
@@ -74,12 +74,10 @@ class HostLink:
                 replies.put_nowait(lost)
             await conn.close()
 
-    async def _read(self, conn: Connection) -> None:
-        while True:
-            msg = await conn.recv(timeout=None)
-            key = msg.query_id if isinstance(msg, QueryReply) else getattr(msg, "request_id", None)
-            if key in self.replies:
-                self.replies[key].put_nowait(msg)
+    def _sort_reply(self, msg: Message) -> None:
+        key = msg.query_id if isinstance(msg, QueryReply) else getattr(msg, "request_id", None)
+        if key in self.replies:
+            self.replies[key].put_nowait(msg)
 
     async def query(self, what: str, request_id: str = "", conn: Connection | None = None) -> dict:
         """Asks the host for its status or a request's timeline."""
@@ -220,8 +218,8 @@ class Cluster:
 
     async def host_status(self) -> list[tuple[str, dict]]:
         """Each connected host's current status (hosts that do not answer in time are left out)."""
-        answers = await asyncio.gather(*(h.query("status") for h in self.hosts if h.conn), return_exceptions=True)
         connected = [h for h in self.hosts if h.conn]
+        answers = await asyncio.gather(*(h.query("status") for h in connected), return_exceptions=True)
         return [(f"{h.role}@{h.address}", a) for h, a in zip(connected, answers) if isinstance(a, dict)]
 
     async def timeline(self, request_id: str) -> dict:

@@ -9,10 +9,10 @@ AsyncEngine in this process (colocated serving). Errors become OpenAI error bodi
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 import logging
 import time
 import uuid
+from collections.abc import AsyncIterator
 
 from aiohttp import web
 
@@ -26,6 +26,7 @@ from hma.host import phase, resolve_secret, wait_for_stop_signal
 from hma.hosts import Cluster
 from hma.metrics import Counter, Gauge, Histogram, render
 from hma.request import RequestOutput
+from hma.transport import parse_address
 from hma.wire import make_hello
 
 log = logging.getLogger(__name__)
@@ -86,7 +87,7 @@ class Router:
 
     async def timeline(self, request: web.Request) -> web.Response:
         """Per-layer timestamps of one request's KV transfer (disaggregated serving only)."""
-        found = await self.backend.timeline(request.match_info["request_id"]) if isinstance(self.backend, Cluster) else {}
+        found = await self.backend.timeline(request.match_info["request_id"])
         if not found:
             raise NotFoundError(f"no timeline for request {request.match_info['request_id']}")
         return web.json_response(found)
@@ -211,9 +212,7 @@ async def serve_router(config: RouterConfig) -> None:
 def _addresses(text: str) -> list[str]:
     found = [a.strip() for a in text.split(",") if a.strip()]
     for address in found:
-        host, _, port = address.rpartition(":")
-        if not host or not port.isdigit():
-            raise InvalidRequestError(f"host address {address!r} is not host:port")
+        parse_address(address)  # refuse a bad address at start-up, not at the first request
     return found
 
 

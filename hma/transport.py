@@ -14,7 +14,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from hma.errors import HMAError, ProtocolError
+from hma.errors import HMAError, InvalidRequestError, ProtocolError
 from hma.wire import (CHECKSUM_SIZE, DEFAULT_MAX_PAYLOAD_BYTES, FRAME_PREFIX_SIZE, PROTOCOL_VERSION,
                       Hello, HelloProof, HelloReject, Message, check_proof, decode_body, encode,
                       make_proof, parse_prefix)
@@ -158,6 +158,14 @@ def _incompatibility(mine: Hello, peer: Hello) -> str:
         return (f"model fingerprint {peer.model_fingerprint[:12]} differs from this host's "
                 f"{mine.model_fingerprint[:12]}: the hosts serve different models")
     return ""
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """("host", port) from "host:port"; InvalidRequestError names the bad address."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise InvalidRequestError(f"host address {address!r} is not host:port")
+    return host, int(port)
 
 
 async def connect(host: str, port: int, hello: Hello, secret: bytes,

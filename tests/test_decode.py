@@ -1,5 +1,3 @@
-import torch
-
 from hma.batch import Batch, SeqChunk
 from hma.decode import KVLanding
 from hma.engine import run_to_completion
