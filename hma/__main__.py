@@ -36,10 +36,11 @@ def _serve(args: argparse.Namespace) -> None:
     from aiohttp import web
 
     from hma.async_engine import AsyncEngine
-    from hma.engine import LLMEngine
+    from hma.engine import LLMEngine, warm_up
     from hma.router import Router
 
     engine = LLMEngine.from_config(from_flags(args, EngineConfig))
+    warm_up(engine)
     backend = AsyncEngine(engine)
     backend.start()
     router = Router(backend, engine.tokenizer, args.served_model_name or args.model)

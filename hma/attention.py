@@ -5,8 +5,8 @@ K/V are quantized into the cache's format and written to their slots first (defe
 dequantization: the cache holds payload and scales only), then every query attends to its
 sequence's cached keys, read back through the block table: prefill sequences causally (query t
 sees positions up to context_len + t; a prompt with nothing cached uses its fresh K/V directly),
-decode sequences one query each over all their tokens. A fused GPU kernel
-replaces `paged_attention` behind the same signature.
+decode sequences one query each over all their tokens. On CUDA the decode part runs the fused
+Triton kernel (kernels.paged_decode_attention), which reads and dequantizes blocks in place.
 """
 
 from __future__ import annotations
@@ -15,12 +15,30 @@ import torch
 import torch.nn.functional as F
 
 from hma.batch import Batch
+from hma.fusion import gpu_fused
 from hma.kv_cache import LayerKV
+from hma.kv_formats import KVFormat
 
 
 def write_kv(cache: LayerKV, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """Quantizes each token's K and V (num_tokens, kv_heads, dim) into the pools at its slot."""
-    store_kv(cache, (*cache.format.quantize(k), *cache.format.quantize(v)), slot_mapping)
+    if k.is_cuda:
+        from hma import kernels
+
+        if kernels.can_write_kv(cache.format):
+            return kernels.write_kv(cache, k, v, slot_mapping)  # one kernel, same bytes
+    store_kv(cache, quantize_kv(k, v, cache.format), slot_mapping)
+
+
+def write_kv_reference(cache: LayerKV, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """write_kv in plain eager PyTorch on any device: what the fused GPU paths are held to."""
+    store_kv(cache, quantize_kv.reference(k, v, cache.format), slot_mapping)
+
+
+@gpu_fused
+def quantize_kv(k: torch.Tensor, v: torch.Tensor, fmt: KVFormat) -> tuple[torch.Tensor, ...]:
+    """(k payload, k scales, v payload, v scales) in fmt."""
+    return (*fmt.quantize(k), *fmt.quantize(v))
 
 
 def store_kv(cache: LayerKV, tensors: tuple[torch.Tensor, ...], slot_mapping: torch.Tensor) -> None:
@@ -53,6 +71,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: La
                     batch: Batch, scale: float) -> torch.Tensor:
     """q: (num_tokens, heads, dim); k, v: (num_tokens, kv_heads, dim). Returns like q."""
     write_kv(cache, k, v, batch.slot_mapping)
+    if batch.num_prefills == 0:
+        return _decode(q, cache, batch.block_tables, batch.seq_lens, scale)
     out = torch.empty_like(q)
     num_prefill_tokens = sum(batch.query_lens[:batch.num_prefills])
     start = 0
@@ -99,6 +119,18 @@ def _prefill_one(q: torch.Tensor, cache: LayerKV, block_table: torch.Tensor, seq
 def _decode(q: torch.Tensor, cache: LayerKV, block_tables: torch.Tensor, seq_lens: torch.Tensor,
             scale: float) -> torch.Tensor:
     """One query per sequence over its blocks, batched; padding past seq_len is masked."""
+    if q.is_cuda:
+        # Triton ships with CUDA builds of torch; the CPU never needs it outside the tests.
+        from hma.kernels import paged_decode_attention
+
+        return paged_decode_attention(q, cache, block_tables, seq_lens, scale)
+    return decode_reference(q, cache, block_tables, seq_lens, scale)
+
+
+def decode_reference(q: torch.Tensor, cache: LayerKV, block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """The plain PyTorch decode attention the fused kernel is held to: gathers and dequantizes
+    every block of the table, then attends in float32."""
     num_seqs, num_heads, head_dim = q.shape
     keys, values = gather_kv(cache, block_tables, q.dtype)  # (num_seqs, max_len, kv_heads, dim)
     num_kv_heads = keys.shape[2]

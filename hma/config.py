@@ -143,6 +143,8 @@ class EngineConfig:
     max_num_batched_tokens: int = field(default=8192, metadata={"help": "most tokens in one step"})
     max_model_len: int | None = field(default=None, metadata={
         "help": "longest prompt + output (default: the model's max_position_embeddings)"})
+    enforce_eager: bool = field(default=False, metadata={
+        "help": "never capture CUDA graphs: decode steps launch their kernels one by one"})
 
     def __post_init__(self) -> None:
         if self.prefill_dtype not in PREFILL_DTYPES:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from hma.async_engine import AsyncEngine, OutputStream
 from hma.config import EngineConfig, HostConfig
-from hma.engine import LLMEngine, run_to_completion
+from hma.engine import LLMEngine, warm_up
 from hma.errors import HMAError, InvalidRequestError, ProtocolError, ServiceUnavailableError
 from hma.host import DEFAULT_PORTS, listen_until_stopped, load_engine, phase, resolve_secret
 from hma.kv_cache import blocks_for
@@ -328,11 +328,6 @@ class DecodeServer:
         status = self.worker.status()
         return {**status, "role": "decode", "waiting": status["waiting"] + len(self.landing.pending),
                 "kv_bytes_received": self.kv_bytes_received}
-
-
-def warm_up(engine: LLMEngine) -> None:
-    """Two decode steps on a tiny prompt, so the first request does not pay for lazy set-up."""
-    run_to_completion(engine, [[1, 2, 3, 4]], SamplingParams(max_tokens=2, temperature=0.0))
 
 
 async def serve_decode(engine_config: EngineConfig, host_config: HostConfig) -> None:

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from hma.batch import Batch, SeqChunk
 from hma.checkpoint import iter_safetensors, load_config_dict, load_tokenizer, resolve_model_path
 from hma.config import EngineConfig, ModelConfig
+from hma.cuda_graphs import DecodeGraphs
 from hma.errors import InvalidRequestError, RequestTooLargeError
 from hma.kv_cache import KVCache, blocks_for, bytes_per_block, kv_budget_bytes
 from hma.kv_formats import KVFormat, get_kv_format
@@ -68,6 +69,9 @@ class LLMEngine:
                                    config.max_num_batched_tokens)
         self.max_model_len = _max_model_len(config, model.config, kv_cache)
         self._ids = itertools.count()
+        self.graphs = None
+        if self.device.type == "cuda" and not config.enforce_eager:
+            self.graphs = DecodeGraphs(model, kv_cache, config.max_num_seqs, self.max_model_len)
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> LLMEngine:
@@ -118,9 +122,12 @@ class LLMEngine:
         if plan.is_empty:
             return []
         prefills = [SeqChunk(r.all_token_ids, 0, r.block_ids) for r in plan.prefills]
-        decodes = [SeqChunk(r.all_token_ids[-1:], r.num_tokens - 1, r.block_ids) for r in plan.decodes]
-        batch = Batch.build(prefills, decodes, self.kv_cache.block_size, self.device)
-        logits = self.model(batch, self.kv_cache)
+        decodes = [SeqChunk([r.last_token_id], r.num_tokens - 1, r.block_ids) for r in plan.decodes]
+        if not prefills and self.graphs is not None and self.graphs.can_run(decodes):
+            logits = self.graphs.run(decodes)
+        else:
+            batch = Batch.build(prefills, decodes, self.kv_cache.block_size, self.device)
+            logits = self.model(batch, self.kv_cache)
         reqs = plan.prefills + plan.decodes
         tokens = sample(logits, [r.sampling_params for r in reqs], [r.generator for r in reqs])
         now = time.time()
@@ -285,6 +292,12 @@ def apply_chat_template(tokenizer, messages: list[dict]) -> list[int]:
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     # The template already holds any BOS token, so none is added twice.
     return tokenizer(text, add_special_tokens=False).input_ids
+
+
+def warm_up(engine: LLMEngine) -> None:
+    """Two decode steps on a tiny prompt, so the first request does not pay for lazy set-up
+    (compiled kernels, and on CUDA the decode graphs, which are captured on first use)."""
+    run_to_completion(engine, [[1, 2, 3, 4]], SamplingParams(max_tokens=2, temperature=0.0))
 
 
 def run_to_completion(engine: LLMEngine, prompts: Sequence[Prompt], params: SamplingParams,

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hma.errors import InvalidRequestError
+from hma.fusion import gpu_fused
 
 log = logging.getLogger(__name__)
 
@@ -134,27 +135,25 @@ class QuantizedLinear(nn.Module):
             padded = max(INT8_MIN_TOKENS, -(-num_tokens // INT8_TOKEN_MULTIPLE) * INT8_TOKEN_MULTIPLE)
         if padded != num_tokens:
             x = F.pad(x, (0, 0, 0, padded - num_tokens))  # zero rows quantize to zeros
-        q_x, s_x = _fused(quantize_rows)(x, self.mode)
+        q_x, s_x = _quantize_rows_fused(x, self.mode)
         # Both kernels want the weight column-major: .t() of the row-major (out, in) buffer is.
         if self.mode == "fp8":
             # Row-wise scaling may run on CUTLASS, which writes bf16 only; cast after for fp16/fp32.
             y = torch._scaled_mm(q_x, self.qweight.t(), scale_a=s_x, scale_b=self.weight_scale.t(),
                                  out_dtype=torch.bfloat16)
         else:
-            y = _fused(_scale_int32)(torch._int_mm(q_x, self.qweight.t()), s_x, self.weight_scale)
+            y = _scale_int32(torch._int_mm(q_x, self.qweight.t()), s_x, self.weight_scale)
         return y[:num_tokens].to(x.dtype)
 
 
+# Unfused, the elementwise passes over the activations cost more than the 8-bit matmul saves.
+_quantize_rows_fused = gpu_fused(quantize_rows)
+
+
+@gpu_fused
 def _scale_int32(y: torch.Tensor, s_x: torch.Tensor, s_w: torch.Tensor) -> torch.Tensor:
     """int32 sums times the row and column scales, as float32."""
     return y.float() * (s_x * s_w.t())
-
-
-@functools.cache
-def _fused(fn):
-    """fn compiled into one GPU kernel (torch.compile emits Triton): unfused, the elementwise
-    passes over the activations cost more than the 8-bit matmul saves. Same arithmetic as fn."""
-    return torch.compile(fn, dynamic=True)
 
 
 def _why_not_fused(x: torch.Tensor, mode: str, in_features: int, out_features: int) -> str | None:

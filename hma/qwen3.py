@@ -19,6 +19,7 @@ from hma.attention import paged_attention
 from hma.batch import Batch, SeqChunk
 from hma.config import ModelConfig
 from hma.errors import CheckpointError
+from hma.fusion import gpu_fused
 from hma.kv_cache import KVCache, LayerKV
 from hma.quant import PhaseLinear, smoothing_factors
 
@@ -32,9 +33,24 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+def _add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + residual, its norm) in one pass."""
+    x = x + residual
+    return x, _rms_norm(x, weight, eps)
+
+
+rms_norm = gpu_fused(_rms_norm)
+add_rms_norm = gpu_fused(_add_rms_norm)
 
 
 class RotaryEmbedding(nn.Module):
@@ -72,6 +88,23 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
+@gpu_fused
+def norm_and_rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                    q_weight: torch.Tensor | None, k_weight: torch.Tensor | None,
+                    eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Qwen3's per-head q/k RMSNorm (when weights are given), then RoPE on both."""
+    if q_weight is not None:
+        q, k = _rms_norm(q, q_weight, eps), _rms_norm(k, k_weight, eps)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+
+@gpu_fused
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's silu(gate) * up from the fused gate_up projection."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
 class Attention(nn.Module):
     """Grouped-query attention over the paged cache."""
 
@@ -85,6 +118,7 @@ class Attention(nn.Module):
         self.qkv_proj = PhaseLinear(config.hidden_size, self.q_size + 2 * self.kv_size)
         self.o_proj = PhaseLinear(self.q_size, config.hidden_size)
         self.qk_norm = config.has_qk_norm
+        self.eps = config.rms_norm_eps
         if self.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
@@ -96,9 +130,8 @@ class Attention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)      # (num_tokens, heads, head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)   # (num_tokens, kv_heads, head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q_weight, k_weight = (self.q_norm.weight, self.k_norm.weight) if self.qk_norm else (None, None)
+        q, k = norm_and_rotate(q, k, *rope, q_weight, k_weight, self.eps)
         out = paged_attention(q, k, v, cache, batch, self.head_dim ** -0.5)
         return self.o_proj(out.reshape(-1, self.q_size), n)
 
@@ -112,8 +145,7 @@ class MLP(nn.Module):
         self.down_proj = PhaseLinear(config.intermediate_size, config.hidden_size)
 
     def forward(self, x: torch.Tensor, num_prefill_rows: int) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x, num_prefill_rows).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up, num_prefill_rows)
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x, num_prefill_rows)), num_prefill_rows)
 
 
 class DecoderLayer(nn.Module):
@@ -128,8 +160,9 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch: Batch,
                 cache: LayerKV) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, batch, cache)
-        return x + self.mlp(self.post_attention_layernorm(x), batch.num_prefill_precision_tokens)
+        norm = self.post_attention_layernorm
+        x, h = add_rms_norm(x, self.self_attn(self.input_layernorm(x), rope, batch, cache), norm.weight, norm.eps)
+        return x + self.mlp(h, batch.num_prefill_precision_tokens)
 
 
 class Qwen3ForCausalLM(nn.Module):

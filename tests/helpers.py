@@ -14,16 +14,17 @@ TINY = dict(vocab_size=257, hidden_size=64, intermediate_size=96, num_hidden_lay
             max_position_embeddings=512, rope_theta=10_000.0)
 
 
-def tiny_hf_model(architecture: str = "Qwen3ForCausalLM", tie: bool = False, seed: int = 0):
+def tiny_hf_model(architecture: str = "Qwen3ForCausalLM", tie: bool = False, seed: int = 0, **overrides):
     """A transformers model with a GQA ratio of 2 and head_dim != hidden / heads."""
     import transformers
 
     torch.manual_seed(seed)
+    shape = {**TINY, **overrides}
     if architecture == "Qwen3ForCausalLM":
-        cfg = transformers.Qwen3Config(**TINY, tie_word_embeddings=tie)
+        cfg = transformers.Qwen3Config(**shape, tie_word_embeddings=tie)
         model = transformers.Qwen3ForCausalLM(cfg)
     else:
-        cfg = transformers.LlamaConfig(**TINY, tie_word_embeddings=tie)
+        cfg = transformers.LlamaConfig(**shape, tie_word_embeddings=tie)
         model = transformers.LlamaForCausalLM(cfg)
     # Random norm weights, so a wrong norm placement cannot hide behind weights of one.
     with torch.no_grad():
@@ -33,19 +34,20 @@ def tiny_hf_model(architecture: str = "Qwen3ForCausalLM", tie: bool = False, see
     return model.eval()
 
 
-def hma_model_from_hf(hf_model) -> Qwen3ForCausalLM:
+def hma_model_from_hf(hf_model, device: str = "cpu") -> Qwen3ForCausalLM:
     """Our decoder, loaded with the transformers model's weights through load_weights."""
     cfg = ModelConfig.from_dict(hf_model.config.to_dict())
-    model = Qwen3ForCausalLM.create(cfg, torch.float32, "cpu")
+    model = Qwen3ForCausalLM.create(cfg, torch.float32, device)
     model.load_weights(hf_model.state_dict().items())
     return model
 
 
-def engine_from_hf(hf_model, num_blocks: int = 256, block_size: int = 4, kv_dtype: str = "fp32", **config):
+def engine_from_hf(hf_model, num_blocks: int = 256, block_size: int = 4, kv_dtype: str = "fp32",
+                   device: str = "cpu", **config):
     """An engine over hf_model's weights with a small paged cache."""
     from hma.engine import LLMEngine
 
-    model = hma_model_from_hf(hf_model)
-    cache = KVCache(model.config, num_blocks, block_size, get_kv_format(kv_dtype), "cpu")
-    engine_config = EngineConfig(block_size=block_size, device="cpu", **config)
+    model = hma_model_from_hf(hf_model, device)
+    cache = KVCache(model.config, num_blocks, block_size, get_kv_format(kv_dtype), device)
+    engine_config = EngineConfig(block_size=block_size, device=device, **config)
     return LLMEngine(model, cache, engine_config, eos_token_ids=[])

@@ -9,7 +9,6 @@ from hma.kv_formats import KV_FORMATS, SCALE_DTYPE, get_kv_format
 from hma.request import Request
 from hma.sampling import SamplingParams
 from hma.scheduler import Scheduler
-from tests.helpers import TINY
 
 
 def test_allocator_is_all_or_nothing_and_frees_back():

@@ -1,10 +1,17 @@
-"""Engine speed at real Qwen3 shapes with random weights: prefill and decode tokens/s per batch size.
+"""GPU speed against the GPU's own limits, in one run: peaks, decode vs its roofline, prefill MFU,
+and transformers as the baseline.
 
-`python -m hma bench speed --shape qwen3-4b --device cuda --json results/speed.json`
-Prefill: B prompts of --prompt-len tokens in one flat batch. Decode: B sequences at --context-len
-tokens, one step. Each figure is the median of --iters timed runs after warm-up; transformers'
-own forward at the same shape and batch is timed in the same run as the baseline (--no-baseline
-to skip), so the ratio holds even on a noisy machine.
+`python -m hma bench speed --device cuda --json speed.json`
+1. Peaks of this GPU: device-to-device copy bandwidth (bytes read + written per second) and
+   8192^3 matmuls in bf16, fp8 (`_scaled_mm`, row-wise scales) and int8 (`_int_mm`).
+2. Decode: one step (CUDA graph replay, greedy sampling, tokens back on the host) for each
+   shape x KV format x context x batch; the floor is the bytes a step must read (every weight
+   once, plus the KV of every token) over the copy bandwidth, and the ratio is step / floor.
+3. Prefill: one prompt of each length per prefill precision (its KV written in the same 8-bit
+   format, bf16 KV for bf16), tokens/s and model FLOPs utilisation against the bf16 peak.
+4. transformers' `generate` on the same shapes (bf16, random weights): decode tokens/s from two
+   generate calls of different lengths, so its prefill cancels out.
+Medians of --iters runs. Points whose KV does not fit in memory are listed as skipped.
 """
 
 from __future__ import annotations
@@ -20,89 +27,46 @@ from pathlib import Path
 import torch
 
 from hma.batch import Batch, SeqChunk
-from hma.config import QWEN3_SHAPES, ModelConfig, qwen3_shape
-from hma.engine import resolve_device, resolve_dtype, resolve_kv_format
-from hma.kv_cache import KVCache, blocks_for
+from hma.config import ModelConfig, qwen3_shape
+from hma.cuda_graphs import DecodeGraphs
+from hma.engine import resolve_device
+from hma.kv_cache import KVCache, blocks_for, bytes_per_block
+from hma.kv_formats import get_kv_format
 from hma.qwen3 import Qwen3ForCausalLM
 
 BLOCK_SIZE = 16
-HEADER = (f"{'batch':>5} {'prefill tok/s':>14} {'decode tok/s':>13} {'decode ms':>10} "
-          f"{'hf prefill':>11} {'hf decode':>10} {'x prefill':>9} {'x decode':>9}")
+MATMUL_SIZE = 8192
+COPY_BYTES = 1 << 30
+MEMORY_HEADROOM = 6e9  # bytes left free beside weights and KV for activations and graphs
 
 
 def median_seconds(fn: Callable[[], object], device: torch.device, iters: int, warmup: int = 2) -> float:
     """Median wall time of fn over iters runs, synchronising the GPU around each."""
     times = []
     for i in range(warmup + iters):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        _sync(device)
         t0 = time.perf_counter()
         fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        _sync(device)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
 
-def chunks(batch_size: int, prompt_len: int, vocab: int, context: int = 0) -> list[SeqChunk]:
-    """batch_size sequences laid over consecutive blocks; decode chunks bring one token."""
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def chunks(batch_size: int, prompt_len: int, vocab: int, context: int = 0,
+           blocks: list[int] | None = None) -> list[SeqChunk]:
+    """batch_size sequences of random tokens, each over its share of `blocks` (default: the
+    first ones in order); decode chunks bring one token."""
     per_seq = blocks_for(context + prompt_len, BLOCK_SIZE)
+    blocks = blocks if blocks is not None else list(range(batch_size * per_seq))
     gen = torch.Generator().manual_seed(0)
     return [SeqChunk(torch.randint(0, vocab, (prompt_len,), generator=gen).tolist(), context,
-                     list(range(i * per_seq, (i + 1) * per_seq))) for i in range(batch_size)]
-
-
-def bench_hma(model: Qwen3ForCausalLM, cache: KVCache, batch_size: int, prompt_len: int,
-              context_len: int, device: torch.device, iters: int) -> dict[str, float]:
-    vocab = model.config.vocab_size
-    prefill = Batch.build(chunks(batch_size, prompt_len, vocab), [], BLOCK_SIZE, device)
-    decode = Batch.build([], chunks(batch_size, 1, vocab, context_len - 1), BLOCK_SIZE, device)
-    t_prefill = median_seconds(lambda: model(prefill, cache), device, iters)
-    t_decode = median_seconds(lambda: model(decode, cache), device, iters)
-    return {"prefill_s": t_prefill, "prefill_tok_s": batch_size * prompt_len / t_prefill,
-            "decode_step_s": t_decode, "decode_tok_s": batch_size / t_decode}
-
-
-def bench_transformers(config: ModelConfig, dtype: torch.dtype, device: torch.device,
-                       batch_size: int, prompt_len: int, context_len: int, iters: int) -> dict[str, float]:
-    """transformers' own forward: a prefill of the same tokens, and one decode step over its cache."""
-    model = _hf_model(config, dtype, device)
-    ids = torch.randint(0, config.vocab_size, (batch_size, prompt_len), device=device)
-    ctx = torch.randint(0, config.vocab_size, (batch_size, context_len - 1), device=device)
-    with torch.inference_mode():
-        t_prefill = median_seconds(lambda: model(ids, use_cache=False, logits_to_keep=1), device, iters)
-        past = model(ctx, use_cache=True).past_key_values
-        step = ids[:, :1]
-
-        def decode_step() -> None:
-            extra = past.get_seq_length() - (context_len - 1)
-            if extra:
-                past.crop(-extra)  # keep the context fixed across timed steps
-            model(step, past_key_values=past, use_cache=True)
-
-        t_decode = median_seconds(decode_step, device, iters)
-    return {"prefill_s": t_prefill, "prefill_tok_s": batch_size * prompt_len / t_prefill,
-            "decode_step_s": t_decode, "decode_tok_s": batch_size / t_decode}
-
-
-_HF_CACHE: dict[str, torch.nn.Module] = {}
-
-
-def _hf_model(config: ModelConfig, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
-    import transformers
-
-    key = f"{config}{dtype}{device}"
-    if key not in _HF_CACHE:
-        _HF_CACHE.clear()
-        hf_config = transformers.Qwen3Config(
-            vocab_size=config.vocab_size, hidden_size=config.hidden_size,
-            intermediate_size=config.intermediate_size, num_hidden_layers=config.num_hidden_layers,
-            num_attention_heads=config.num_attention_heads, num_key_value_heads=config.num_key_value_heads,
-            head_dim=config.head_dim, tie_word_embeddings=config.tie_word_embeddings)
-        with torch.device(device):
-            _HF_CACHE[key] = transformers.Qwen3ForCausalLM(hf_config).to(dtype).eval()
-    return _HF_CACHE[key]
+                     blocks[i * per_seq:(i + 1) * per_seq]) for i in range(batch_size)]
 
 
 def machine_name(device: torch.device) -> str:
@@ -111,64 +75,208 @@ def machine_name(device: torch.device) -> str:
     return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
 
 
+def measure_peaks(device: torch.device, iters: int) -> dict[str, float]:
+    """Copy bandwidth (bytes read + written / s) and matmul rates (FLOP/s) of this device."""
+    src = torch.empty(COPY_BYTES, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    peaks = {"copy_bytes_per_s": 2 * COPY_BYTES / median_seconds(lambda: dst.copy_(src), device, iters)}
+    n = MATMUL_SIZE
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    peaks["bf16_flop_per_s"] = 2 * n**3 / median_seconds(lambda: a @ b, device, iters)
+    a8, b8 = a.to(torch.float8_e4m3fn), b.to(torch.float8_e4m3fn).t()
+    ones_a, ones_b = torch.ones(n, 1, device=device), torch.ones(1, n, device=device)
+    fp8 = lambda: torch._scaled_mm(a8, b8, scale_a=ones_a, scale_b=ones_b, out_dtype=torch.bfloat16)  # noqa: E731
+    peaks["fp8_flop_per_s"] = 2 * n**3 / median_seconds(fp8, device, iters)
+    ai, bi = a.to(torch.int8), b.to(torch.int8).t()
+    peaks["int8_op_per_s"] = 2 * n**3 / median_seconds(lambda: torch._int_mm(ai, bi), device, iters)
+    return peaks
+
+
+def weight_bytes(model: Qwen3ForCausalLM) -> int:
+    """Bytes a decode step reads from the weights: every parameter once, less the embedding
+    table unless it doubles as lm_head (a step reads only its tokens' rows)."""
+    params = {id(p): p for p in model.parameters()}  # a tied lm_head counts once
+    total = sum(p.numel() * p.element_size() for p in params.values())
+    if not model.config.tie_word_embeddings:
+        total -= model.embed_tokens.weight.numel() * model.embed_tokens.weight.element_size()
+    return total
+
+
+def bench_decode(model: Qwen3ForCausalLM, kv_dtype: str, contexts: list[int], batch_sizes: list[int],
+                 bandwidth: float, device: torch.device, iters: int) -> list[dict]:
+    """One decode step per (context, batch) through the CUDA graphs, against its floor."""
+    config = model.config
+    fmt = get_kv_format(kv_dtype)
+    per_block = bytes_per_block(config, BLOCK_SIZE, fmt)
+    wanted = max(batch_sizes) * blocks_for(max(contexts), BLOCK_SIZE) + 1
+    free = torch.cuda.mem_get_info(device)[0]
+    num_blocks = int(min(wanted, (free - MEMORY_HEADROOM) // per_block))
+    cache = KVCache(config, num_blocks, BLOCK_SIZE, fmt, device)
+    graphs = DecodeGraphs(model, cache, max(batch_sizes), max(contexts))
+    weights = weight_bytes(model)
+    rows = []
+    for context in contexts:
+        for bs in batch_sizes:
+            row = {"kv_dtype": kv_dtype, "context_len": context, "batch_size": bs}
+            need = bs * blocks_for(context, BLOCK_SIZE)
+            if need > cache.allocator.num_free:
+                rows.append({**row, "skipped": f"KV of {bs} x {context} tokens needs {need * per_block / 1e9:.1f} GB; "
+                                               f"{num_blocks * per_block / 1e9:.1f} GB fit beside the weights"})
+                continue
+            blocks = cache.allocator.allocate(need)
+            decodes = chunks(bs, 1, config.vocab_size, context - 1, blocks)
+            seconds = median_seconds(lambda: graphs.run(decodes).argmax(-1).tolist(), device, iters)
+            cache.allocator.free(blocks)
+            kv_bytes = 2 * config.num_hidden_layers * bs * context * fmt.bytes_per_token(
+                config.num_key_value_heads, config.head_dim)
+            floor = (weights + kv_bytes) / bandwidth
+            rows.append({**row, "step_s": seconds, "tok_s": bs / seconds, "floor_s": floor,
+                         "weight_bytes": weights, "kv_bytes": kv_bytes, "x_floor": seconds / floor})
+    return rows
+
+
+def prefill_flops(config: ModelConfig, num_tokens: int) -> float:
+    """Matmul FLOPs of one causal prompt: decoder linears for every token, attention's two
+    products over the n(n+1)/2 query-key pairs, lm_head for the last token."""
+    h, inter, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    q = config.num_attention_heads * config.head_dim
+    kv = config.num_key_value_heads * config.head_dim
+    linear = layers * (h * (q + 2 * kv) + q * h + 3 * h * inter)
+    pairs = num_tokens * (num_tokens + 1) / 2
+    attention = layers * 2 * 2 * pairs * q
+    return 2 * linear * num_tokens + attention + 2 * h * config.vocab_size
+
+
+def bench_prefill(model: Qwen3ForCausalLM, modes: list[str], lens: list[int], peak: float,
+                  device: torch.device, iters: int) -> list[dict]:
+    config = model.config
+    rows = []
+    for mode in modes:
+        model.use_prefill_precision(mode)
+        cache = KVCache(config, blocks_for(max(lens), BLOCK_SIZE), BLOCK_SIZE,
+                        get_kv_format("bf16" if mode == "bf16" else mode), device)
+        for n in lens:
+            batch = Batch.build(chunks(1, n, config.vocab_size), [], BLOCK_SIZE, device)
+            seconds = median_seconds(lambda: model(batch, cache), device, iters)
+            flops = prefill_flops(config, n)
+            rows.append({"prefill_dtype": mode, "prompt_len": n, "seconds": seconds, "tok_s": n / seconds,
+                         "tflop_per_s": flops / seconds / 1e12, "mfu_vs_bf16_peak": flops / seconds / peak})
+    model.use_prefill_precision("bf16")
+    return rows
+
+
+def bench_transformers(config: ModelConfig, batch_sizes: list[int], prompt_len: int, new_tokens: int,
+                       device: torch.device, iters: int) -> list[dict]:
+    """transformers' generate, greedy, bf16: decode step = (t(1 + new) - t(1)) / new tokens."""
+    import transformers
+
+    hf_config = transformers.Qwen3Config(
+        vocab_size=config.vocab_size, hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size, num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads, num_key_value_heads=config.num_key_value_heads,
+        head_dim=config.head_dim, tie_word_embeddings=config.tie_word_embeddings)
+    with torch.device(device):
+        model = transformers.Qwen3ForCausalLM(hf_config).to(torch.bfloat16).eval()
+    rows = []
+    for bs in batch_sizes:
+        ids = torch.randint(0, config.vocab_size, (bs, prompt_len), device=device)
+
+        def generate(n: int) -> None:
+            model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                           attention_mask=torch.ones_like(ids), pad_token_id=0)
+
+        with torch.inference_mode():
+            short = median_seconds(lambda: generate(1), device, iters, warmup=1)
+            long = median_seconds(lambda: generate(1 + new_tokens), device, iters, warmup=1)
+        step = (long - short) / new_tokens
+        rows.append({"batch_size": bs, "context_len": prompt_len, "step_s": step, "tok_s": bs / step})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m hma bench speed", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", default="qwen3-4b", choices=sorted(QWEN3_SHAPES))
-    parser.add_argument("--batch-sizes", default="1,8,16,32,64")
-    parser.add_argument("--prompt-len", type=int, default=512)
-    parser.add_argument("--context-len", type=int, default=512)
+    parser.add_argument("--shapes", default="qwen3-4b,qwen3-8b")
+    parser.add_argument("--batch-sizes", default="1,8,32,64,128")
+    parser.add_argument("--contexts", default="1024,4096")
+    parser.add_argument("--kv-dtypes", default="bf16,fp8,int8,int4")
+    parser.add_argument("--prompt-lens", default="512,2048,8192")
+    parser.add_argument("--prefill-dtypes", default="bf16,fp8,int8")
+    parser.add_argument("--baseline-batch-sizes", default="1,64", help="transformers' generate ('' skips)")
+    parser.add_argument("--baseline-tokens", type=int, default=16, help="decode steps per baseline run")
     parser.add_argument("--device", default=None)
-    parser.add_argument("--dtype", default=None)
-    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--num-layers", type=int, default=None, help="cut the layer count (smoke runs)")
-    parser.add_argument("--no-baseline", action="store_true", help="skip transformers' forward")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     args = parser.parse_args(argv)
+    ints = lambda text: [int(x) for x in text.split(",") if x]  # noqa: E731
 
     device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
-    config = qwen3_shape(args.shape)
-    if args.num_layers:
-        config = ModelConfig(**{**_fields(config), "num_hidden_layers": args.num_layers})
-    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
-    longest = max(args.prompt_len, args.context_len)
-    model = Qwen3ForCausalLM.create(config, dtype, device, max_positions=longest + 1)
-    model.init_random_()
-    cache = KVCache(config, max(batch_sizes) * blocks_for(longest, BLOCK_SIZE), BLOCK_SIZE,
-                    resolve_kv_format("auto", dtype), device)
-
-    rows = []
-    print(HEADER)
-    for bs in batch_sizes:
-        row = {"batch_size": bs, "hma": bench_hma(model, cache, bs, args.prompt_len, args.context_len,
-                                                   device, args.iters)}
-        if not args.no_baseline:
-            row["transformers"] = bench_transformers(config, dtype, device, bs, args.prompt_len,
-                                                     args.context_len, args.iters)
-        rows.append(row)
-        _print_row(row)
-    result = {"machine": machine_name(device), "device": str(device), "dtype": str(dtype),
-              "shape": args.shape, "num_layers": config.num_hidden_layers, "prompt_len": args.prompt_len,
-              "context_len": args.context_len, "iters": args.iters, "torch": torch.__version__,
-              "date": time.strftime("%Y-%m-%d"), "rows": rows}
-    print(f"machine: {result['machine']}, {args.shape}, {dtype}, medians of {args.iters} runs")
+    if device.type != "cuda":
+        raise SystemExit("bench speed measures a GPU against its own peaks: it needs --device cuda")
+    peaks = measure_peaks(device, args.iters)
+    _print_peaks(peaks)
+    shapes = []
+    for shape in args.shapes.split(","):
+        config = qwen3_shape(shape)
+        if args.num_layers:
+            config = ModelConfig(**{**_fields(config), "num_hidden_layers": args.num_layers})
+        model = Qwen3ForCausalLM.create(config, torch.bfloat16, device,
+                                        max_positions=max(ints(args.contexts) + ints(args.prompt_lens)) + 1)
+        model.init_random_()
+        result = {"shape": shape, "decode": [], "prefill": [], "transformers": []}
+        for kv_dtype in args.kv_dtypes.split(","):
+            result["decode"] += bench_decode(model, kv_dtype, ints(args.contexts), ints(args.batch_sizes),
+                                             peaks["copy_bytes_per_s"], device, args.iters)
+            torch.cuda.empty_cache()
+        result["prefill"] = bench_prefill(model, args.prefill_dtypes.split(","), ints(args.prompt_lens),
+                                          peaks["bf16_flop_per_s"], device, args.iters)
+        del model
+        torch.cuda.empty_cache()
+        if args.baseline_batch_sizes:
+            result["transformers"] = bench_transformers(
+                config, ints(args.baseline_batch_sizes), min(ints(args.contexts)), args.baseline_tokens,
+                device, max(3, args.iters // 3))
+        _print_shape(result)
+        shapes.append(result)
+    out = {"machine": machine_name(device), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+           "iters": args.iters, "num_layers": args.num_layers, "peaks": peaks, "shapes": shapes}
+    print(f"machine: {out['machine']}, torch {torch.__version__}, medians of {args.iters} runs")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2))
-    return result
+        args.json.write_text(json.dumps(out, indent=2))
+    return out
 
 
 def _fields(config: ModelConfig) -> dict:
     return {name: getattr(config, name) for name in config.__slots__}
 
 
-def _print_row(row: dict) -> None:
-    ours, hf = row["hma"], row.get("transformers")
-    line = (f"{row['batch_size']:>5} {ours['prefill_tok_s']:>14,.0f} {ours['decode_tok_s']:>13,.1f} "
-            f"{ours['decode_step_s'] * 1e3:>10.2f}")
-    if hf:
-        line += (f" {hf['prefill_tok_s']:>11,.0f} {hf['decode_tok_s']:>10,.1f} "
-                 f"{ours['prefill_tok_s'] / hf['prefill_tok_s']:>9.2f} "
-                 f"{ours['decode_tok_s'] / hf['decode_tok_s']:>9.2f}")
-    print(line)
+def _print_peaks(peaks: dict[str, float]) -> None:
+    print(f"copy {peaks['copy_bytes_per_s'] / 1e12:.2f} TB/s (read + written); matmul {MATMUL_SIZE}^3: "
+          f"bf16 {peaks['bf16_flop_per_s'] / 1e12:.0f} TFLOP/s, fp8 {peaks['fp8_flop_per_s'] / 1e12:.0f}, "
+          f"int8 {peaks['int8_op_per_s'] / 1e12:.0f} TOP/s")
+
+
+def _print_shape(result: dict) -> None:
+    print(f"\n{result['shape']} decode step")
+    print(f"{'kv':>5} {'context':>7} {'batch':>5} {'step ms':>8} {'floor ms':>8} {'x floor':>7} {'tok/s':>9} {'x hf':>6}")
+    hf = {r["batch_size"]: r for r in result["transformers"]}
+    for r in result["decode"]:
+        if "skipped" in r:
+            print(f"{r['kv_dtype']:>5} {r['context_len']:>7} {r['batch_size']:>5}  skipped: {r['skipped']}")
+            continue
+        base = hf.get(r["batch_size"]) if r["context_len"] == min(x["context_len"] for x in result["decode"]) else None
+        versus = f"{r['tok_s'] / base['tok_s']:>6.1f}" if base else f"{'':>6}"
+        print(f"{r['kv_dtype']:>5} {r['context_len']:>7} {r['batch_size']:>5} {r['step_s'] * 1e3:>8.2f} "
+              f"{r['floor_s'] * 1e3:>8.2f} {r['x_floor']:>7.2f} {r['tok_s']:>9,.0f} {versus}")
+    for r in result["transformers"]:
+        print(f"transformers generate: batch {r['batch_size']}, context {r['context_len']}: "
+              f"{r['step_s'] * 1e3:.2f} ms/step, {r['tok_s']:,.1f} tok/s")
+    print(f"\n{result['shape']} prefill")
+    print(f"{'dtype':>5} {'tokens':>6} {'ms':>8} {'tok/s':>9} {'TFLOP/s':>8} {'MFU':>5} {'x bf16':>6}")
+    for r in result["prefill"]:
+        base = next(b for b in result["prefill"] if b["prompt_len"] == r["prompt_len"])
+        print(f"{r['prefill_dtype']:>5} {r['prompt_len']:>6} {r['seconds'] * 1e3:>8.1f} {r['tok_s']:>9,.0f} "
+              f"{r['tflop_per_s']:>8.0f} {r['mfu_vs_bf16_peak']:>5.0%} {base['seconds'] / r['seconds']:>6.2f}")

@@ -1,0 +1,320 @@
+"""Triton kernels for the GPU hot path, each held by a test to its PyTorch reference.
+
+paged_decode_attention: one query token per sequence attends over that sequence's blocks read
+in place from the paged pools, dequantizing payload and scales in registers (deferred
+dequantization: no dequantized copy is ever written to memory). Reference: attention.decode_reference.
+Flash-decoding split: program (seq, kv_head, split) covers `partition` tokens for all the query
+heads sharing that KV head, keeping a running max, sum and weighted V; a second kernel merges
+the splits. Sequences of length 0 (padding rows of a CUDA graph) come out as zeros.
+write_kv: each token's K and V quantized into its slot in one kernel (plain casts, fp8, int8),
+byte for byte what attention.write_kv_reference stores.
+With TRITON_INTERPRET=1 the same kernels run on CPU tensors, which is how the CPU tests run them.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from hma.kv_cache import LayerKV
+from hma.kv_formats import AbsmaxFormat, BlockFloatFormat, CastFormat, Int4Format, KVFormat
+
+# How the kernel dequantizes a payload element d of a (token, head), by format family
+# (tl.constexpr, so the kernels may read them).
+CAST, ABSMAX, INT4, BLOCK_SCALED = (tl.constexpr(i) for i in range(4))
+TOKENS_PER_TILE = 128      # tokens loaded per loop iteration (tuned on an H100, with the two below)
+NUM_WARPS, NUM_STAGES = 4, 3
+MIN_GROUP_ROWS = 16        # tl.dot wants at least 16 rows: the query heads of a group are padded
+MAX_PARTITION = 1024       # tokens per split at most, so long sequences spread over the GPU
+
+
+def _family(fmt: KVFormat) -> tuple[int, int]:
+    """(kind, values sharing one scale) of a KV format."""
+    if isinstance(fmt, CastFormat):
+        return CAST.value, 1
+    if isinstance(fmt, AbsmaxFormat):
+        return ABSMAX.value, 1
+    if isinstance(fmt, Int4Format):
+        return INT4.value, fmt.group_size
+    if isinstance(fmt, BlockFloatFormat):
+        return BLOCK_SCALED.value, fmt.block_size
+    raise NotImplementedError(f"no fused decode attention for kv_format={fmt.name}")
+
+
+@triton.jit
+def _load_tile(payload_ptr, scales_ptr, rows, valid, d, dot_dtype: tl.constexpr, KIND: tl.constexpr,
+               HEAD_DIM: tl.constexpr, PAYLOAD_DIM: tl.constexpr, NUM_SCALES: tl.constexpr,
+               GROUP: tl.constexpr, TILE: tl.constexpr, DIM_ROWS: tl.constexpr):
+    """(tokens, head_dim) values of the (token, head) rows in dot_dtype; ABSMAX rows stay unscaled
+    (their one scale per token is applied to scores and probabilities instead)."""
+    mask = valid[:, None] & (d < HEAD_DIM)[None, :]
+    if KIND == INT4:
+        # Byte j holds values 2j (low nibble) and 2j + 1 (high): load each byte once, then
+        # interleave the two halves back into value order.
+        half = tl.arange(0, DIM_ROWS // 2)
+        byte = tl.load(payload_ptr + rows[:, None] * PAYLOAD_DIM + half[None, :],
+                       mask=valid[:, None] & (half < PAYLOAD_DIM)[None, :], other=0)
+        x = tl.reshape(tl.join(byte & 0x0F, byte >> 4), (TILE, DIM_ROWS)).to(tl.float32)
+        step = _group_scales(scales_ptr, rows, valid, 0, TILE, DIM_ROWS, NUM_SCALES, GROUP)
+        low = _group_scales(scales_ptr, rows, valid, NUM_SCALES // 2, TILE, DIM_ROWS, NUM_SCALES, GROUP)
+        return tl.reshape(tl.reshape(x, (TILE, DIM_ROWS // GROUP, GROUP)) * step + low,
+                          (TILE, DIM_ROWS)).to(dot_dtype)
+    # No `other=`: a constant cannot be cast to float8, so masked rows are zeroed after the load.
+    # One conversion per value, straight to the dot's type (fp8 and int8 are exact in float16).
+    x = tl.load(payload_ptr + rows[:, None] * PAYLOAD_DIM + d[None, :], mask=mask).to(dot_dtype)
+    x = tl.where(mask, x, 0.0)
+    if KIND == BLOCK_SCALED:
+        step = _group_scales(scales_ptr, rows, valid, 0, TILE, DIM_ROWS, NUM_SCALES, GROUP)
+        x = tl.reshape(tl.reshape(x.to(tl.float32), (TILE, DIM_ROWS // GROUP, GROUP)) * step,
+                       (TILE, DIM_ROWS)).to(dot_dtype)
+    return x
+
+
+@triton.jit
+def _group_scales(scales_ptr, rows, valid, first, TILE: tl.constexpr, DIM_ROWS: tl.constexpr,
+                  NUM_SCALES: tl.constexpr, GROUP: tl.constexpr):
+    """(TILE, groups, 1) float32: scales[first + group] of each row, one load per group."""
+    groups = tl.arange(0, DIM_ROWS // GROUP)
+    at = rows[:, None] * NUM_SCALES + first + groups[None, :]
+    return tl.load(scales_ptr + at, mask=valid[:, None] & (groups < NUM_SCALES)[None, :], other=0
+                   ).to(tl.float32)[:, :, None]
+
+
+@triton.jit
+def _attend_tile(tile_start, end, q, running_max, running_sum, acc, k_ptr, k_scales_ptr, v_ptr,
+                 v_scales_ptr, tables_ptr, seq, kv_head, table_stride, d,
+                 NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, PAYLOAD_DIM: tl.constexpr,
+                 NUM_SCALES: tl.constexpr, BLOCK_SIZE: tl.constexpr, KIND: tl.constexpr,
+                 GROUP: tl.constexpr, TILE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One online-softmax step over tokens [tile_start, tile_start + TILE) of the sequence."""
+    t = tile_start + tl.arange(0, TILE)
+    valid = t < end
+    block = tl.load(tables_ptr + seq * table_stride + t // BLOCK_SIZE, mask=valid, other=0)
+    rows = ((block * BLOCK_SIZE + t % BLOCK_SIZE) * NUM_KV_HEADS + kv_head).to(tl.int64)
+    k = _load_tile(k_ptr, k_scales_ptr, rows, valid, d, q.dtype, KIND, HEAD_DIM, PAYLOAD_DIM, NUM_SCALES,
+                   GROUP, TILE, d.shape[0])
+    scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # (GROUP_ROWS, TILE), q carries the scale
+    if KIND == ABSMAX:
+        scores = scores * tl.load(k_scales_ptr + rows, mask=valid, other=0).to(tl.float32)[None, :]
+    scores = tl.where(valid[None, :], scores, float("-inf"))
+    new_max = tl.maximum(running_max, tl.max(scores, axis=1))
+    rescale = tl.exp(running_max - new_max)
+    p = tl.exp(scores - new_max[:, None])
+    running_sum = running_sum * rescale + tl.sum(p, axis=1)
+    v = _load_tile(v_ptr, v_scales_ptr, rows, valid, d, q.dtype, KIND, HEAD_DIM, PAYLOAD_DIM, NUM_SCALES,
+                   GROUP, TILE, d.shape[0])
+    if KIND == ABSMAX:
+        # p * s_t would underflow float16 for small scales: scale by s_t / (the tile's largest s),
+        # which stays in [0, 1], and multiply that largest s back into the sum.
+        v_scale = tl.load(v_scales_ptr + rows, mask=valid, other=0).to(tl.float32)
+        tile_scale = tl.maximum(tl.max(v_scale, axis=0), 1e-30)
+        pv = tl.dot((p * (v_scale / tile_scale)[None, :]).to(q.dtype), v, input_precision=DOT_PRECISION)
+        acc = acc * rescale[:, None] + pv * tile_scale
+    else:
+        acc = acc * rescale[:, None] + tl.dot(p.to(q.dtype), v, input_precision=DOT_PRECISION)
+    return new_max, running_sum, acc
+
+
+@triton.jit
+def _paged_decode_kernel(
+        q_ptr, k_ptr, k_scales_ptr, v_ptr, v_scales_ptr, tables_ptr, seq_lens_ptr,
+        out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr, scale, table_stride,
+        NUM_KV_HEADS: tl.constexpr, QUERIES_PER_KV: tl.constexpr, HEAD_DIM: tl.constexpr,
+        PAYLOAD_DIM: tl.constexpr, NUM_SCALES: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+        KIND: tl.constexpr, GROUP: tl.constexpr, GROUP_ROWS: tl.constexpr, DIM_ROWS: tl.constexpr,
+        TILE: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        PARTITION: tl.constexpr, NUM_SPLITS: tl.constexpr, INTERPRETED: tl.constexpr):
+    seq, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + seq).to(tl.int32)
+    g = tl.arange(0, GROUP_ROWS)
+    d = tl.arange(0, DIM_ROWS)  # head_dim padded to a power of two
+    heads = kv_head * QUERIES_PER_KV + g  # the query heads sharing this KV head
+    q_rows = seq * NUM_KV_HEADS * QUERIES_PER_KV + heads
+    q_mask = (g < QUERIES_PER_KV)[:, None] & (d < HEAD_DIM)[None, :]
+    q = tl.load(q_ptr + q_rows[:, None] * HEAD_DIM + d[None, :], mask=q_mask, other=0).to(tl.float32)
+    # The softmax scale goes into q once; 8-bit payloads meet q in float16, which holds them exactly
+    # and converts from them in one instruction (bfloat16 does not).
+    q = (q * scale).to(DOT_DTYPE)
+
+    running_max = tl.full((GROUP_ROWS,), float("-inf"), tl.float32)
+    running_sum = tl.zeros((GROUP_ROWS,), tl.float32)
+    acc = tl.zeros((GROUP_ROWS, DIM_ROWS), tl.float32)
+    start = split * PARTITION
+    end = tl.minimum(start + PARTITION, seq_len)
+    if INTERPRETED:  # Triton 3.6's interpreter cannot range() over tensor bounds
+        tile_start = start
+        while tile_start < end:
+            running_max, running_sum, acc = _attend_tile(
+                tile_start, end, q, running_max, running_sum, acc, k_ptr, k_scales_ptr, v_ptr,
+                v_scales_ptr, tables_ptr, seq, kv_head, table_stride, d, NUM_KV_HEADS, HEAD_DIM,
+                PAYLOAD_DIM, NUM_SCALES, BLOCK_SIZE, KIND, GROUP, TILE, DOT_PRECISION)
+            tile_start += TILE
+    else:  # a for loop, which the compiler software-pipelines: the next tile loads during this one
+        for tile_start in range(start, end, TILE):
+            running_max, running_sum, acc = _attend_tile(
+                tile_start, end, q, running_max, running_sum, acc, k_ptr, k_scales_ptr, v_ptr,
+                v_scales_ptr, tables_ptr, seq, kv_head, table_stride, d, NUM_KV_HEADS, HEAD_DIM,
+                PAYLOAD_DIM, NUM_SCALES, BLOCK_SIZE, KIND, GROUP, TILE, DOT_PRECISION)
+
+    if NUM_SPLITS == 1:
+        out = acc / tl.where(running_sum > 0, running_sum, 1.0)[:, None]
+        tl.store(out_ptr + q_rows[:, None] * HEAD_DIM + d[None, :], out.to(out_ptr.dtype.element_ty),
+                 mask=q_mask)
+    else:
+        part = q_rows * NUM_SPLITS + split  # partials laid out (num_seqs, heads, splits)
+        head_ok = g < QUERIES_PER_KV
+        tl.store(part_acc_ptr + part[:, None] * HEAD_DIM + d[None, :], acc, mask=q_mask)
+        tl.store(part_max_ptr + part, running_max, mask=head_ok)
+        tl.store(part_sum_ptr + part, running_sum, mask=head_ok)
+
+
+@triton.jit
+def _merge_splits_kernel(out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr,
+                         HEAD_DIM: tl.constexpr, DIM_ROWS: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                         SPLIT_ROWS: tl.constexpr):
+    """out[row] = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s over one (seq, head) row's splits."""
+    row = tl.program_id(0)
+    s = tl.arange(0, SPLIT_ROWS)
+    d = tl.arange(0, DIM_ROWS)
+    d_ok = d < HEAD_DIM
+    s_ok = s < NUM_SPLITS
+    maxes = tl.load(part_max_ptr + row * NUM_SPLITS + s, mask=s_ok, other=float("-inf"))
+    top = tl.max(maxes, axis=0)
+    top = tl.where(top == float("-inf"), 0.0, top)  # an empty sequence: every weight is 0
+    weight = tl.exp(maxes - top)
+    sums = tl.load(part_sum_ptr + row * NUM_SPLITS + s, mask=s_ok, other=0)
+    acc = tl.load(part_acc_ptr + (row * NUM_SPLITS + s)[:, None] * HEAD_DIM + d[None, :],
+                  mask=s_ok[:, None] & d_ok[None, :], other=0)
+    total = tl.sum(weight * sums, axis=0)
+    out = tl.sum(weight[:, None] * acc, axis=0) / tl.where(total > 0, total, 1.0)
+    tl.store(out_ptr + row * HEAD_DIM + d, out.to(out_ptr.dtype.element_ty), mask=d_ok)
+
+
+def _dot_dtype(dtype: torch.dtype, kind: int):
+    """What attention's dots run in: float32 models in float32 (the tests' reference runs),
+    8-bit payloads in float16, the rest in the model's dtype."""
+    if dtype == torch.float32:
+        return tl.float32
+    return tl.float16 if kind == ABSMAX.value else {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
+
+
+@triton.jit
+def _quantize_store(x_ptr, x_stride, pool_ptr, scales_ptr, token, slot, NUM_KV_HEADS: tl.constexpr,
+                    HEAD_DIM: tl.constexpr, HEAD_ROWS: tl.constexpr, DIM_ROWS: tl.constexpr,
+                    KIND: tl.constexpr, QMAX: tl.constexpr, ROUND: tl.constexpr):
+    """One token's (heads, head_dim) K or V, quantized as kv_formats does it, into its slot."""
+    h = tl.arange(0, HEAD_ROWS)
+    d = tl.arange(0, DIM_ROWS)
+    mask = (h < NUM_KV_HEADS)[:, None] & (d < HEAD_DIM)[None, :]
+    x = tl.load(x_ptr + token * x_stride + h[:, None] * HEAD_DIM + d[None, :], mask=mask, other=0)
+    at = (slot * NUM_KV_HEADS + h)[:, None] * HEAD_DIM + d[None, :]
+    if KIND == CAST:
+        tl.store(pool_ptr + at, x.to(pool_ptr.dtype.element_ty), mask=mask)
+    else:
+        # scale = amax / qmax rounded up to float16 (round to nearest, then one step up if that
+        # fell below), at least 2**-24: AbsmaxFormat.quantize, bit for bit.
+        x = x.to(tl.float32)
+        wanted = tl.minimum(tl.math.div_rn(tl.max(tl.abs(x), axis=1), QMAX), 65504.0)
+        scale = wanted.to(tl.float16)
+        bits = scale.to(tl.int16, bitcast=True)
+        scale = tl.where(scale.to(tl.float32) < wanted, (bits + 1).to(tl.float16, bitcast=True), scale)
+        scale = tl.maximum(scale, 2.0**-24)
+        q = tl.minimum(tl.maximum(tl.math.div_rn(x, scale.to(tl.float32)[:, None]), -QMAX), QMAX)
+        if ROUND:  # round half to even, exact for |q| < 2**22: what torch.round does
+            q = (q + 12582912.0) - 12582912.0
+        tl.store(pool_ptr + at, q.to(pool_ptr.dtype.element_ty), mask=mask)
+        tl.store(scales_ptr + slot * NUM_KV_HEADS + h, scale, mask=h < NUM_KV_HEADS)
+
+
+@triton.jit
+def _store_kv_kernel(k_ptr, v_ptr, k_stride, v_stride, slots_ptr, k_pool, k_scales, v_pool, v_scales,
+                     NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_ROWS: tl.constexpr,
+                     DIM_ROWS: tl.constexpr, KIND: tl.constexpr, QMAX: tl.constexpr, ROUND: tl.constexpr):
+    token = tl.program_id(0)
+    slot = tl.load(slots_ptr + token).to(tl.int64)
+    _quantize_store(k_ptr, k_stride, k_pool, k_scales, token, slot, NUM_KV_HEADS, HEAD_DIM, HEAD_ROWS,
+                    DIM_ROWS, KIND, QMAX, ROUND)
+    _quantize_store(v_ptr, v_stride, v_pool, v_scales, token, slot, NUM_KV_HEADS, HEAD_DIM, HEAD_ROWS,
+                    DIM_ROWS, KIND, QMAX, ROUND)
+
+
+def can_write_kv(fmt: KVFormat) -> bool:
+    """write_kv handles plain casts and one-scale (fp8, int8) formats; the rest take the PyTorch path."""
+    return isinstance(fmt, (CastFormat, AbsmaxFormat))
+
+
+def write_kv(cache: LayerKV, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Quantizes each token's K and V (num_tokens, kv_heads, head_dim) into its slot of the pools,
+    in one kernel: attention.write_kv's reference arithmetic, bit for bit."""
+    num_tokens, num_kv_heads, head_dim = k.shape
+    if num_tokens == 0:
+        return
+    fmt = cache.format
+    assert can_write_kv(fmt) and k.stride(1) == v.stride(1) == head_dim and k.stride(2) == v.stride(2) == 1
+    kind, _ = _family(fmt)
+    triton_launch(
+        _store_kv_kernel, (num_tokens,), k, v, k.stride(0), v.stride(0), slot_mapping,
+        cache.k, cache.k_scales, cache.v, cache.v_scales, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
+        HEAD_ROWS=triton.next_power_of_2(num_kv_heads), DIM_ROWS=triton.next_power_of_2(head_dim),
+        KIND=kind, QMAX=getattr(fmt, "qmax", 0.0), ROUND=not fmt.payload_dtype.is_floating_point)
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # the interpreter runs programs one by one: few splits keep CPU tests quick
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def choose_partition(num_seqs: int, num_kv_heads: int, max_len: int, device: torch.device) -> int:
+    """Tokens per split: enough splits for about two programs per SM, tiles whole, at most
+    MAX_PARTITION. Depends on shapes only (no sync), so a CUDA graph can fix it at capture."""
+    wanted_splits = -(-2 * _num_sms(device) // (num_seqs * num_kv_heads))
+    partition = triton.next_power_of_2(max(1, -(-max_len // wanted_splits)))
+    return min(MAX_PARTITION, max(TOKENS_PER_TILE, partition))
+
+
+def paged_decode_attention(q: torch.Tensor, cache: LayerKV, block_tables: torch.Tensor,
+                           seq_lens: torch.Tensor, scale: float, partition: int | None = None) -> torch.Tensor:
+    """q (num_seqs, heads, head_dim) -> like q; block_tables (num_seqs, max_blocks), seq_lens
+    (num_seqs,) on q's device. The grid covers max_blocks * block_size tokens; splits past a
+    sequence's length exit at once."""
+    num_seqs, num_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, payload_dim = cache.k.shape
+    kind, group = _family(cache.format)
+    max_len = block_tables.shape[1] * block_size
+    partition = partition or choose_partition(num_seqs, num_kv_heads, max_len, q.device)
+    num_splits = -(-max_len // partition)
+    dim_rows = max(16, triton.next_power_of_2(head_dim))  # tl.dot wants power-of-two sides of 16+
+    q = q.contiguous()
+    out = torch.empty_like(q)
+    part_acc = q.new_empty(num_seqs, num_heads, num_splits, head_dim, dtype=torch.float32)
+    part_max = q.new_empty(num_seqs, num_heads, num_splits, dtype=torch.float32)
+    part_sum = torch.empty_like(part_max)
+    tables = block_tables.contiguous()
+    triton_launch(
+        _paged_decode_kernel, (num_seqs, num_kv_heads, num_splits),
+        q, cache.k, cache.k_scales, cache.v, cache.v_scales, tables, seq_lens,
+        out, part_acc, part_max, part_sum, scale, tables.stride(0),
+        NUM_KV_HEADS=num_kv_heads, QUERIES_PER_KV=num_heads // num_kv_heads, HEAD_DIM=head_dim,
+        PAYLOAD_DIM=payload_dim, NUM_SCALES=cache.k_scales.shape[-1], BLOCK_SIZE=block_size,
+        KIND=kind, GROUP=group, GROUP_ROWS=max(MIN_GROUP_ROWS, triton.next_power_of_2(num_heads // num_kv_heads)),
+        DIM_ROWS=dim_rows, TILE=TOKENS_PER_TILE, PARTITION=partition, NUM_SPLITS=num_splits,
+        # float32 models (the tests' reference runs) get full-precision dots, not TF32
+        DOT_DTYPE=_dot_dtype(q.dtype, kind), DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        INTERPRETED=os.environ.get("TRITON_INTERPRET") == "1", num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+    if num_splits > 1:
+        triton_launch(
+            _merge_splits_kernel, (num_seqs * num_heads,), out, part_acc, part_max, part_sum, HEAD_DIM=head_dim, DIM_ROWS=dim_rows, NUM_SPLITS=num_splits,
+            SPLIT_ROWS=triton.next_power_of_2(num_splits))
+    return out
+
+
+def triton_launch(kernel, grid: tuple[int, ...], *args, **constexprs) -> None:
+    """kernel[grid](*args, **constexprs); one seam, so a test can compile the exact launches
+    for a GPU it does not have."""
+    kernel[grid](*args, **constexprs)

@@ -1,0 +1,35 @@
+"""The arithmetic behind the GPU speed benchmark's floors and MFU (the timings need a GPU)."""
+
+import pytest
+import torch
+
+from hma.bench.speed import main, prefill_flops, weight_bytes
+from hma.config import ModelConfig
+from hma.qwen3 import Qwen3ForCausalLM
+
+SHAPE = dict(architecture="Qwen3ForCausalLM", vocab_size=100, hidden_size=8, intermediate_size=12, num_hidden_layers=2,
+             num_attention_heads=2, num_key_value_heads=1, head_dim=4)
+
+
+def test_prefill_flops_count_every_matmul_of_a_causal_prompt():
+    config = ModelConfig(**SHAPE)
+    n = 3
+    # per layer, per token: q 8x8, k 8x4, v 8x4, o 8x8, gate and up 8x12 each, down 12x8
+    linear = 2 * (64 + 32 + 32 + 64 + 96 + 96 + 96)
+    # QK^T and PV over the 1 + 2 + 3 = 6 query-key pairs, all 8 query dims of both heads
+    attention = 2 * 2 * 6 * 8
+    lm_head = 2 * 8 * 100  # the last token only
+    assert prefill_flops(config, n) == 2 * (n * linear + attention) + lm_head
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_decode_reads_each_weight_once_and_only_the_tokens_rows_of_an_untied_embedding(tie):
+    model = Qwen3ForCausalLM.create(ModelConfig(**SHAPE, tie_word_embeddings=tie), torch.bfloat16, "cpu")
+    everything = sum(p.numel() for p in model.parameters()) * 2  # parameters() lists a tied one once
+    embedding = 100 * 8 * 2
+    assert weight_bytes(model) == (everything if tie else everything - embedding)
+
+
+def test_speed_benchmark_refuses_to_run_without_a_gpu():
+    with pytest.raises(SystemExit, match="needs --device cuda"):
+        main(["--device", "cpu"])

@@ -1,0 +1,84 @@
+"""The GPU decode path (CUDA graphs + the fused Triton attention) against the CPU reference.
+
+The end-to-end tests need a CUDA GPU and are skipped without one (the kernels themselves are
+checked on the CPU under Triton's interpreter in test_kernels.py); the host side of the graph
+runner (buckets, padding, input rows) is checked on the CPU."""
+
+import pytest
+import torch
+
+from hma.engine import run_to_completion
+from hma.sampling import SamplingParams
+
+from hma.batch import SeqChunk
+from hma.cuda_graphs import DecodeGraphs
+from hma.kv_cache import KVCache
+from hma.kv_formats import get_kv_format
+
+from .helpers import engine_from_hf, hma_model_from_hf, tiny_hf_model
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+PROMPTS = [[5, 9, 2, 77, 31], [100, 3], list(range(40, 80)), [250] * 17, [1, 2, 3, 4, 5, 6, 7, 8, 9]]
+GREEDY = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
+
+
+@needs_cuda
+@pytest.mark.parametrize("kv_dtype, head_dim", [("fp32", 24), ("int8", 24), ("fp8", 32), ("int4", 32),
+                                                ("bfp8", 32)])
+def test_gpu_decode_through_cuda_graphs_gives_the_cpu_reference_tokens(kv_dtype, head_dim):
+    hf = tiny_hf_model(head_dim=head_dim)
+    cpu = run_to_completion(engine_from_hf(hf, kv_dtype=kv_dtype), PROMPTS, GREEDY)
+    gpu_engine = engine_from_hf(hf, kv_dtype=kv_dtype, device="cuda", max_num_seqs=8)
+    gpu = run_to_completion(gpu_engine, PROMPTS, GREEDY)
+    assert gpu_engine.graphs.graphs, "decode steps should have run through captured graphs"
+    assert [o.outputs[0].token_ids for o in gpu] == [o.outputs[0].token_ids for o in cpu]
+    # every block is back, besides the one the graphs keep for padding rows
+    assert gpu_engine.kv_cache.allocator.num_free == gpu_engine.kv_cache.num_blocks - 1
+
+
+@needs_cuda
+def test_eager_gpu_decode_gives_the_same_tokens_as_graphs():
+    hf = tiny_hf_model(head_dim=32)
+    graphs = run_to_completion(engine_from_hf(hf, kv_dtype="int8", device="cuda"), PROMPTS, GREEDY)
+    eager_engine = engine_from_hf(hf, kv_dtype="int8", device="cuda", enforce_eager=True)
+    eager = run_to_completion(eager_engine, PROMPTS, GREEDY)
+    assert eager_engine.graphs is None
+    assert [o.outputs[0].token_ids for o in eager] == [o.outputs[0].token_ids for o in graphs]
+
+
+
+def _graph_runner(max_num_seqs: int = 5, max_model_len: int = 64) -> DecodeGraphs:
+    model = hma_model_from_hf(tiny_hf_model())
+    cache = KVCache(model.config, 32, 4, get_kv_format("int8"), "cpu")
+    return DecodeGraphs(model, cache, max_num_seqs, max_model_len)
+
+
+def test_graph_runner_buckets_batch_sizes_and_keeps_one_block_for_padding():
+    runner = _graph_runner(max_num_seqs=5)
+    assert runner.buckets == [1, 2, 4, 5]
+    allocator = runner.kv_cache.allocator
+    assert allocator.num_free == 31
+    assert runner.pad_block not in allocator.allocate(31)
+
+
+def test_graph_runner_fills_padding_rows_that_attention_skips():
+    runner = _graph_runner()
+    bs = runner.block_size
+    decodes = [SeqChunk([7], 5, [3, 9]), SeqChunk([11], 0, [4])]
+    runner._fill(decodes, 4)
+    runner._upload(4)
+    batch = runner._static_batch(4)
+    assert batch.input_ids.tolist() == [7, 11, 0, 0]
+    assert batch.positions.tolist() == [5, 0, 0, 0]
+    assert batch.slot_mapping.tolist() == [9 * bs + 1, 4 * bs, runner.pad_block * bs, runner.pad_block * bs]
+    assert batch.seq_lens.tolist() == [6, 1, 0, 0]  # length 0: attention reads nothing for padding
+    assert batch.block_tables[0, :2].tolist() == [3, 9] and batch.block_tables[1, 0] == 4
+
+
+def test_graph_runner_declines_what_no_graph_fits():
+    runner = _graph_runner(max_num_seqs=2, max_model_len=16)  # 4 blocks of 4 tokens at most
+    one = SeqChunk([1], 3, [0])
+    assert runner.can_run([one, one])
+    assert not runner.can_run([one, one, one])
+    assert not runner.can_run([SeqChunk([1], 16, [0, 1, 2, 3, 4])])
