@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import shutil
@@ -265,3 +266,20 @@ def test_on_a_slow_link_the_pipeline_lowers_ttft(slow_link, demo_model_path):
             ttft[mode] = statistics.median(times)
     print(f"median TTFT over a {LINK_RATE} link ({'/'.join(sorted(qdiscs))}): {ttft}")
     assert ttft["--pipeline"] < ttft["--no-pipeline"]
+
+
+def test_load_generator_replays_a_trace_through_the_router(cluster, tmp_path):
+    """A short real run of `python -m hma bench serve` against the demo deployment."""
+    from hma.bench.serve import main as bench_serve
+    from hma.bench.traces import clip, read_trace, trace_path
+
+    out = tmp_path / "serve.json"
+    result = bench_serve(["--base-url", cluster.url, "--trace", "azure-conv", "--num-prompts", "6",
+                          "--request-rate", "4", "--max-prompt-len", "48", "--max-output-len", "6",
+                          "--slo-ttft-ms", "60000", "--slo-tpot-ms", "60000", "--json", str(out)])
+    assert (result["completed"], result["failed"]) == (6, 0), result["errors"]
+    asked = clip(read_trace(trace_path("azure-conv"))[:6], 48, 6)[0]
+    assert result["total_output_tokens"] == sum(r.output_len for r in asked)  # ignore_eos: every token asked
+    assert result["total_input_tokens"] == sum(r.prompt_len for r in asked)
+    assert result["slo_attainment"] == 1.0 and result["mean_ttft_ms"] > 0
+    assert json.loads(out.read_text())["completed"] == 6

@@ -1,0 +1,198 @@
+"""Load generator: replays a trace (or Poisson arrivals) against any OpenAI-compatible server.
+
+`python -m hma bench serve --base-url http://127.0.0.1:8000 --trace azure-conv --num-prompts 200
+ --request-rate 2 --slo-ttft-ms 2000 --slo-tpot-ms 100 --json serve.json`
+Each request is a streaming /v1/completions call whose prompt is a list of token ids of the
+trace's prompt length, with max_tokens = the trace's output length and ignore_eos, sent at its
+(rate-scaled) arrival time. Per request it records when each chunk arrived and the server's token
+count, then reports vLLM `bench serve`'s metrics, SLO attainment and request goodput
+(hma/bench/goodput.py). --goodput-search replays the same requests at several rates and reports
+the highest one at which 90% of requests meet both SLOs (DistServe's goodput), per GPU and per
+dollar when --num-gpus and --dollars-per-hour are given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import time
+from pathlib import Path
+
+import aiohttp
+from tqdm import tqdm
+
+from hma.bench.goodput import SLO, RequestRecord, search_goodput, summarize
+from hma.bench.traces import TraceRequest, clip, poisson_arrivals, read_trace, scale_to_rate, trace_path
+
+TOKEN_ID_RANGE = (1000, 20000)  # ordinary tokens in every vocabulary this project serves
+REQUEST_TIMEOUT_S = 600.0
+
+
+def prompt_ids(length: int, rng: random.Random) -> list[int]:
+    return [rng.randrange(*TOKEN_ID_RANGE) for _ in range(length)]
+
+
+async def send(session: aiohttp.ClientSession, url: str, model: str, request: TraceRequest,
+               ids: list[int]) -> RequestRecord:
+    """One streaming completion; every failure ends up in the record's error, never raised."""
+    record = RequestRecord(prompt_len=len(ids))
+    body = {"model": model, "prompt": ids, "max_tokens": request.output_len, "ignore_eos": True,
+            "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True}}
+    record.sent = time.perf_counter()
+    try:
+        async with session.post(url, json=body) as response:
+            if response.status != 200:
+                record.error = f"HTTP {response.status}: {(await response.text())[:200]}"
+                return record
+            async for raw in response.content:
+                _read_event(raw.decode().strip(), record)
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        record.error = f"{type(exc).__name__}: {exc}"
+    if not record.error and record.output_len != request.output_len:
+        record.error = f"asked for {request.output_len} tokens, got {record.output_len}"
+    return record
+
+
+def _read_event(line: str, record: RequestRecord) -> None:
+    if not line.startswith("data: ") or line == "data: [DONE]":
+        return
+    event = json.loads(line.removeprefix("data: "))
+    if "error" in event:
+        record.error = event["error"].get("message", "error event")
+    elif event.get("usage"):
+        record.output_len = event["usage"]["completion_tokens"]
+    elif event.get("choices") and event["choices"][0].get("text"):
+        record.chunk_times.append(time.perf_counter())
+
+
+async def replay(url: str, model: str, requests: list[TraceRequest], seed: int = 0,
+                 progress: bool = True) -> tuple[list[RequestRecord], float]:
+    """Sends every request at its arrival time; returns the records and the run's duration."""
+    rng = random.Random(seed)
+    prompts = [prompt_ids(r.prompt_len, rng) for r in requests]
+    timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
+    connector = aiohttp.TCPConnector(limit=0)  # no client-side cap on concurrent requests
+    with tqdm(total=len(requests), desc="requests", disable=not progress) as bar:
+        async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+            start = time.perf_counter()
+
+            async def one(request: TraceRequest, ids: list[int]) -> RequestRecord:
+                await asyncio.sleep(max(0.0, start + request.arrival_s - time.perf_counter()))
+                record = await send(session, url, model, request, ids)
+                bar.update(1)
+                return record
+
+            records = await asyncio.gather(*(one(r, ids) for r, ids in zip(requests, prompts)))
+    return list(records), time.perf_counter() - start
+
+
+def load_requests(args: argparse.Namespace) -> tuple[list[TraceRequest], int]:
+    """The trace's first --num-prompts requests, clipped to the length limits; (requests, clipped)."""
+    requests = read_trace(trace_path(args.trace))[:args.num_prompts]
+    if args.prompt_len or args.output_len:
+        requests = [TraceRequest(r.arrival_s, args.prompt_len or r.prompt_len, args.output_len or r.output_len)
+                    for r in requests]
+    return clip(requests, args.max_prompt_len, args.max_output_len)
+
+
+def at_rate(requests: list[TraceRequest], rate: float | None, arrivals: str, seed: int) -> list[TraceRequest]:
+    """The requests' arrivals at `rate` (None: as recorded): the trace's own gaps scaled, or Poisson."""
+    if rate is None:
+        return requests
+    return poisson_arrivals(requests, rate, seed) if arrivals == "poisson" else scale_to_rate(requests, rate)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m hma bench serve", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base-url", default="http://127.0.0.1:8000")
+    parser.add_argument("--model", default=None, help="the served model name (default: the server's first)")
+    parser.add_argument("--trace", default="azure-conv", help="azure-code | azure-conv | mooncake | a file")
+    parser.add_argument("--num-prompts", type=int, default=200)
+    parser.add_argument("--request-rate", type=float, default=None, help="requests/s (default: the trace's own)")
+    parser.add_argument("--arrivals", choices=["trace", "poisson"], default="trace",
+                        help="scale the trace's own gaps, or draw Poisson gaps at the rate")
+    parser.add_argument("--prompt-len", type=int, default=None, help="every prompt this long instead")
+    parser.add_argument("--output-len", type=int, default=None, help="every output this long instead")
+    parser.add_argument("--max-prompt-len", type=int, default=None, help="clip longer prompts (say so)")
+    parser.add_argument("--max-output-len", type=int, default=None, help="clip longer outputs")
+    parser.add_argument("--slo-ttft-ms", type=float, default=None)
+    parser.add_argument("--slo-tpot-ms", type=float, default=None)
+    parser.add_argument("--goodput-search", action="store_true", help="find the highest rate keeping 90%% attainment")
+    parser.add_argument("--search-rates", default="0.1,8", help="low,high request rates the search brackets")
+    parser.add_argument("--search-iters", type=int, default=5)
+    parser.add_argument("--num-gpus", type=int, default=None, help="GPUs serving, for goodput per GPU")
+    parser.add_argument("--dollars-per-hour", type=float, default=None, help="their price, for goodput per dollar")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    slo = SLO(args.slo_ttft_ms / 1e3, args.slo_tpot_ms / 1e3) if args.slo_ttft_ms and args.slo_tpot_ms else None
+    if args.goodput_search and slo is None:
+        parser.error("--goodput-search needs --slo-ttft-ms and --slo-tpot-ms")
+    return asyncio.run(_run(args, slo))
+
+
+async def _run(args: argparse.Namespace, slo: SLO | None) -> dict:
+    model = args.model or await _first_model(args.base_url)
+    url = args.base_url.rstrip("/") + "/v1/completions"
+    requests, num_clipped = load_requests(args)
+    result = {"base_url": args.base_url, "model": model, "trace": args.trace, "num_prompts": len(requests),
+              "num_clipped": num_clipped, "arrivals": args.arrivals, "request_rate": args.request_rate,
+              "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "slo": {"ttft_ms": args.slo_ttft_ms, "tpot_ms": args.slo_tpot_ms} if slo else None}
+    records, duration = await replay(url, model, at_rate(requests, args.request_rate, args.arrivals, args.seed),
+                                     args.seed)
+    result |= summarize(records, duration, slo)
+    result["errors"] = sorted({r.error for r in records if r.error})[:10]
+    if args.goodput_search:
+        result["goodput_search"] = await _search(args, slo, url, model, requests)
+    _print(result)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2))
+    return result
+
+
+async def _search(args: argparse.Namespace, slo: SLO, url: str, model: str,
+                  requests: list[TraceRequest]) -> dict:
+    async def attainment_at(rate: float) -> float:
+        records, duration = await replay(url, model, at_rate(requests, rate, args.arrivals, args.seed),
+                                         args.seed, progress=False)
+        value = summarize(records, duration, slo)["slo_attainment"]
+        print(f"rate {rate:.3f} req/s: SLO attainment {value:.1%}")
+        return value
+
+    low, high = (float(x) for x in args.search_rates.split(","))
+    goodput, tried = await search_goodput(attainment_at, low, high, args.search_iters)
+    found = {"goodput": goodput, "tried": [{"rate": r, "slo_attainment": a} for r, a in tried]}
+    if args.num_gpus:
+        found["goodput_per_gpu"] = goodput / args.num_gpus
+    if args.dollars_per_hour:
+        found["goodput_per_dollar"] = goodput * 3600 / args.dollars_per_hour  # requests per dollar
+    return found
+
+
+async def _first_model(base_url: str) -> str:
+    async with aiohttp.ClientSession() as session:
+        async with session.get(base_url.rstrip("/") + "/v1/models") as response:
+            return (await response.json())["data"][0]["id"]
+
+
+def _print(result: dict) -> None:
+    print(f"{'Successful requests:':<40}{result['completed']:>12}")
+    print(f"{'Failed requests:':<40}{result['failed']:>12}")
+    print(f"{'Benchmark duration (s):':<40}{result['duration']:>12.2f}")
+    print(f"{'Request throughput (req/s):':<40}{result['request_throughput']:>12.2f}")
+    print(f"{'Output token throughput (tok/s):':<40}{result['output_throughput']:>12.2f}")
+    for name in ("ttft", "tpot", "itl", "e2el"):
+        print(f"{name.upper() + ' mean / median / p99 (ms):':<40}{result[f'mean_{name}_ms']:>12.2f}"
+              f"{result[f'median_{name}_ms']:>10.2f}{result[f'p99_{name}_ms']:>10.2f}")
+    if "slo_attainment" in result:
+        print(f"{'SLO attainment:':<40}{result['slo_attainment']:>12.1%}")
+        print(f"{'Request goodput (req/s):':<40}{result['request_goodput']:>12.2f}")
+    if "goodput_search" in result:
+        print(f"{'Goodput (req/s at >= 90% attainment):':<40}{result['goodput_search']['goodput']:>12.3f}")
+    if result["num_clipped"]:
+        print(f"{result['num_clipped']} requests had their lengths clipped to the limits given")

@@ -1,0 +1,49 @@
+"""The load generator against a scripted OpenAI-style server: what it records and how it fails."""
+
+import asyncio
+import json
+
+from aiohttp import web
+
+from hma.bench.serve import replay
+from hma.bench.traces import TraceRequest
+from hma.launch import free_port
+
+MAX_PROMPT = 50
+CHUNK_GAP_S = 0.02
+
+
+async def _completions(request: web.Request) -> web.StreamResponse:
+    body = await request.json()
+    if len(body["prompt"]) > MAX_PROMPT or not body.get("ignore_eos"):
+        return web.json_response({"error": {"message": "prompt too long", "type": "BadRequestError"}}, status=400)
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    for i in range(body["max_tokens"]):
+        await asyncio.sleep(CHUNK_GAP_S)
+        await response.write(f'data: {json.dumps({"choices": [{"text": f"t{i}"}]})}\n\n'.encode())
+    usage = {"prompt_tokens": len(body["prompt"]), "completion_tokens": body["max_tokens"]}
+    await response.write(f"data: {json.dumps({'choices': [], 'usage': usage})}\n\n".encode())
+    await response.write(b"data: [DONE]\n\n")
+    return response
+
+
+async def test_replay_records_each_chunk_and_reports_failures_without_stopping():
+    app = web.Application()
+    app.router.add_post("/v1/completions", _completions)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        requests = [TraceRequest(0.0, 10, 4), TraceRequest(0.05, 60, 3), TraceRequest(0.1, 20, 1)]
+        records, duration = await replay(f"http://127.0.0.1:{port}/v1/completions", "m", requests, progress=False)
+    finally:
+        await runner.cleanup()
+    first, too_long, single = records
+    assert first.ok and first.output_len == 4 and len(first.chunk_times) == 4
+    assert first.ttft >= CHUNK_GAP_S and first.tpot >= CHUNK_GAP_S * 0.9
+    assert not too_long.ok and "HTTP 400" in too_long.error
+    assert single.ok and single.output_len == 1 and single.tpot is None
+    assert single.sent - first.sent >= 0.09  # sent at its arrival time, not at once
+    assert duration >= 0.1
