@@ -1,0 +1,175 @@
+"""A discrete-event simulator of a serving deployment replaying a trace: what the cost planner runs.
+
+In: TraceRequests and a Deployment: P prefill and D decode devices (disaggregated), or R colocated
+replicas, each with step costs as plain functions of the batch (calibrated elsewhere). Out: one
+goodput.RequestRecord per request, so the load generator's metrics and goodput apply unchanged.
+The model of the system, kept as small as the real one:
+- disaggregated: one FIFO queue of prompts; a free prefill device takes the oldest prompts that fit
+  its token budget as one batch; the first token exists when the batch ends and reaches the client
+  once the KV has landed (transfer_s after the batch: the pipelined tail, or the whole transfer);
+  the request then joins the decode device with the fewest requests, whose KV capacity it must fit.
+- colocated: requests go to the replica with the fewest requests; a replica's step is a prefill
+  batch when prompts wait (its first tokens come out at the step's end), otherwise a decode step.
+- a decode step advances every running request by one token; requests join between steps.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from hma.bench.goodput import RequestRecord
+from hma.bench.traces import TraceRequest
+
+
+@dataclass(frozen=True, slots=True)
+class Deployment:
+    """Devices and their step costs. num_prefill = 0 means colocated replicas (num_decode of them)."""
+
+    num_prefill: int
+    num_decode: int
+    prefill_s: Callable[[list[int]], float]            # prompt lengths of a batch -> seconds
+    decode_s: Callable[[list[int]], float]             # context lengths of the running batch -> seconds
+    transfer_s: Callable[[int], float] = lambda prompt_len: 0.0  # batch end -> KV landed on decode
+    max_batch_tokens: int = 8192
+    max_num_seqs: int = 256
+    kv_capacity_tokens: int = 1 << 40                  # per decode device (or replica)
+
+
+@dataclass(slots=True)
+class _Running:
+    record: RequestRecord
+    context_len: int
+    remaining: int  # tokens still to produce
+
+
+@dataclass(slots=True)
+class _Decoder:
+    """One decode device (or colocated replica): what runs, what waits to join, whether it is mid-step."""
+
+    running: list[_Running] = field(default_factory=list)
+    joining: deque = field(default_factory=deque)      # (_Running, ready_at)
+    prompts: deque = field(default_factory=deque)      # colocated only: (TraceRequest, record)
+    stepping: bool = False
+
+    @property
+    def load(self) -> int:
+        return len(self.running) + len(self.joining) + len(self.prompts)
+
+    def used_tokens(self) -> int:
+        return sum(r.context_len + r.remaining for r in self.running)
+
+
+class Simulation:
+    """Replays requests through a deployment; run() returns their records in request order."""
+
+    def __init__(self, deployment: Deployment) -> None:
+        self.d = deployment
+        self.events: list = []  # (time, seq, action)
+        self.order = itertools.count()
+        self.prompts: deque = deque()  # disaggregated prefill queue: (TraceRequest, record)
+        self.prefill_busy = [False] * deployment.num_prefill
+        self.decoders = [_Decoder() for _ in range(deployment.num_decode)]
+
+    def at(self, time: float, action: Callable[[float], None]) -> None:
+        heapq.heappush(self.events, (time, next(self.order), action))
+
+    def run(self, requests: list[TraceRequest]) -> list[RequestRecord]:
+        records = [RequestRecord(prompt_len=r.prompt_len, sent=r.arrival_s) for r in requests]
+        for request, record in zip(requests, records):
+            self.at(request.arrival_s, lambda now, q=request, rec=record: self._arrive(q, rec, now))
+        while self.events:
+            now, _, action = heapq.heappop(self.events)
+            action(now)
+        return records
+
+    def _arrive(self, request: TraceRequest, record: RequestRecord, now: float) -> None:
+        if self.d.num_prefill:
+            self.prompts.append((request, record))
+            self._start_prefills(now)
+        else:
+            replica = min(self.decoders, key=lambda dec: dec.load)
+            replica.prompts.append((request, record))
+            self._step(replica, now)
+
+    def _take_batch(self, queue: deque) -> list:
+        batch, tokens = [], 0
+        while queue and len(batch) < self.d.max_num_seqs:
+            request, _ = queue[0]
+            if batch and tokens + request.prompt_len > self.d.max_batch_tokens:
+                break
+            batch.append(queue.popleft())
+            tokens += request.prompt_len
+        return batch
+
+    def _start_prefills(self, now: float) -> None:
+        for i in range(self.d.num_prefill):
+            if not self.prefill_busy[i] and self.prompts:
+                batch = self._take_batch(self.prompts)
+                self.prefill_busy[i] = True
+                end = now + self.d.prefill_s([q.prompt_len for q, _ in batch])
+                self.at(end, lambda t, i=i, b=batch: self._prefill_done(i, b, t))
+
+    def _prefill_done(self, device: int, batch: list, now: float) -> None:
+        self.prefill_busy[device] = False
+        for request, record in batch:
+            landed = now + self.d.transfer_s(request.prompt_len)
+            record.chunk_times.append(landed)  # the decode host sends the first token once KV lands
+            record.output_len = 1
+            decoder = min(self.decoders, key=lambda dec: dec.load)
+            decoder.joining.append((_Running(record, request.prompt_len + 1, request.output_len - 1), landed))
+            self.at(landed, lambda t, dec=decoder: self._step(dec, t))
+        self._start_prefills(now)
+
+    def _step(self, dec: _Decoder, now: float) -> None:
+        """Starts dec's next step if it is idle and has work."""
+        if dec.stepping:
+            return
+        if dec.prompts:  # colocated: prompts first
+            batch = self._take_batch(dec.prompts)
+            dec.stepping = True
+            end = now + self.d.prefill_s([q.prompt_len for q, _ in batch])
+            self.at(end, lambda t: self._colocated_prefill_done(dec, batch, t))
+            return
+        dec.running = [r for r in dec.running if r.remaining > 0]  # finished ones free their KV first
+        self._admit(dec, now)
+        dec.running = [r for r in dec.running if r.remaining > 0]  # one-token requests need no step
+        if not dec.running:
+            return
+        dec.stepping = True
+        end = now + self.d.decode_s([r.context_len for r in dec.running])
+        self.at(end, lambda t: self._decode_done(dec, t))
+
+    def _admit(self, dec: _Decoder, now: float) -> None:
+        """Moves landed requests into the running batch while KV capacity and max_num_seqs allow."""
+        while dec.joining and dec.joining[0][1] <= now and len(dec.running) < self.d.max_num_seqs:
+            joiner = dec.joining[0][0]
+            if dec.running and dec.used_tokens() + joiner.context_len + joiner.remaining > self.d.kv_capacity_tokens:
+                break
+            dec.joining.popleft()
+            dec.running.append(joiner)
+
+    def _colocated_prefill_done(self, dec: _Decoder, batch: list, now: float) -> None:
+        dec.stepping = False
+        for request, record in batch:
+            record.chunk_times.append(now)
+            record.output_len = 1
+            dec.joining.append((_Running(record, request.prompt_len + 1, request.output_len - 1), now))
+        self._step(dec, now)
+
+    def _decode_done(self, dec: _Decoder, now: float) -> None:
+        dec.stepping = False
+        for r in dec.running:
+            r.record.chunk_times.append(now)
+            r.record.output_len += 1
+            r.context_len += 1
+            r.remaining -= 1
+        self._step(dec, now)
+
+
+def simulate(requests: list[TraceRequest], deployment: Deployment) -> list[RequestRecord]:
+    """Every request's record (first-token and token times) when the deployment serves the trace."""
+    return Simulation(deployment).run(requests)

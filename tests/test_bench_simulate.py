@@ -1,0 +1,71 @@
+"""The serving simulator on cases whose answer is known by hand."""
+
+import pytest
+
+from hma.bench.goodput import SLO, attainment
+from hma.bench.simulate import Deployment, simulate
+from hma.bench.traces import TraceRequest
+
+PREFILL = lambda lens: 0.1 + 0.001 * sum(lens)  # noqa: E731  seconds for a batch of prompts
+DECODE = lambda ctx: 0.02  # noqa: E731  seconds per decode step, whatever the batch
+TRANSFER = lambda prompt_len: 0.05  # noqa: E731
+
+
+def _disaggregated(**kw) -> Deployment:
+    return Deployment(num_prefill=1, num_decode=1, prefill_s=PREFILL, decode_s=DECODE, transfer_s=TRANSFER, **kw)
+
+
+def test_one_request_takes_prefill_then_transfer_then_one_step_per_token():
+    (record,) = simulate([TraceRequest(1.0, 100, 5)], _disaggregated())
+    assert record.ttft == pytest.approx(0.2 + 0.05)
+    assert record.output_len == 5
+    assert record.chunk_times[1:] == pytest.approx([1.27, 1.29, 1.31, 1.33])
+    assert record.tpot == pytest.approx(0.02)
+
+
+def test_a_saturated_prefill_queue_serves_prompts_one_batch_after_another():
+    # a token budget of one prompt: ten prompts arriving together are prefilled one by one
+    requests = [TraceRequest(0.0, 100, 2) for _ in range(10)]
+    records = simulate(requests, _disaggregated(max_batch_tokens=100))
+    assert [r.ttft for r in records] == pytest.approx([0.2 * (i + 1) + 0.05 for i in range(10)])
+
+
+def test_prompts_that_arrive_while_the_device_is_busy_share_the_next_batch():
+    requests = [TraceRequest(0.0, 100, 2), TraceRequest(0.1, 100, 2), TraceRequest(0.1, 100, 2)]
+    records = simulate(requests, _disaggregated(max_batch_tokens=300))
+    # the first runs alone (0 - 0.2 s); the two that came at 0.1 s run together (0.2 - 0.5 s)
+    assert [r.ttft for r in records] == pytest.approx([0.25, 0.45, 0.45])
+
+
+def test_decode_kv_capacity_holds_a_request_back_until_another_finishes():
+    # room for one request's tokens at a time: the second joins only after the first is done
+    requests = [TraceRequest(0.0, 100, 20), TraceRequest(0.0, 100, 3)]
+    first, second = simulate(requests, _disaggregated(kv_capacity_tokens=130))
+    assert first.chunk_times[-1] == pytest.approx(0.25 + 19 * 0.02)
+    assert second.ttft == pytest.approx(0.45)  # its KV landed long before it could join
+    assert second.chunk_times[1] == pytest.approx(first.chunk_times[-1] + 0.02)
+
+
+def test_colocated_replica_prefills_then_decodes_without_a_transfer():
+    (record,) = simulate([TraceRequest(0.0, 100, 3)],
+                         Deployment(num_prefill=0, num_decode=1, prefill_s=PREFILL, decode_s=DECODE))
+    assert record.ttft == pytest.approx(0.2)
+    assert record.chunk_times == pytest.approx([0.2, 0.22, 0.24])
+
+
+def test_colocated_prefills_stall_the_running_decodes():
+    # the second prompt arrives mid-decode; its prefill step delays the first request's next token
+    requests = [TraceRequest(0.0, 100, 4), TraceRequest(0.21, 100, 2)]
+    first, second = simulate(requests, Deployment(num_prefill=0, num_decode=1, prefill_s=PREFILL, decode_s=DECODE))
+    assert first.chunk_times[:2] == pytest.approx([0.2, 0.22])
+    assert second.ttft == pytest.approx(0.22 + 0.2 - 0.21)
+    assert first.chunk_times[2] == pytest.approx(0.42 + 0.02)
+
+
+def test_more_prefill_devices_raise_slo_attainment_under_load():
+    requests = [TraceRequest(i * 0.05, 400, 4) for i in range(40)]  # one prompt every 50 ms, each 0.5 s
+    slo = SLO(ttft_s=1.0, tpot_s=0.1)
+    one = attainment(simulate(requests, _disaggregated(max_batch_tokens=400)), slo)
+    many = attainment(simulate(requests, Deployment(num_prefill=12, num_decode=1, prefill_s=PREFILL, decode_s=DECODE,
+                                                    transfer_s=TRANSFER, max_batch_tokens=400)), slo)
+    assert one < 0.2 and many == 1.0
