@@ -92,6 +92,12 @@ def _eval(args: argparse.Namespace) -> None:
     main(args.extra)
 
 
+def _plan(args: argparse.Namespace) -> None:
+    from hma.bench.plan import main
+
+    main(args.extra)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m hma", description=__doc__)
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING")
@@ -141,6 +147,9 @@ def _parser() -> argparse.ArgumentParser:
                                   add_help=False)
     quality.set_defaults(run=_eval)
 
+    plan = commands.add_parser("plan", help="goodput per dollar of deployments, by simulation", add_help=False)
+    plan.set_defaults(run=_plan)
+
     fetch = commands.add_parser("fetch-demo-model", help="download and convert SmolLM2-135M-Instruct")
     fetch.add_argument("--force", action="store_true", help="convert again even if cached")
     fetch.set_defaults(run=_fetch_demo_model)
@@ -149,9 +158,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     parser = _parser()
-    # bench and eval take their own flags, which their own parsers read from what is left over.
+    # bench, eval and plan take their own flags, which their own parsers read from what is left over.
     args, args.extra = parser.parse_known_args(argv)
-    if args.extra and args.command not in ("bench", "eval"):
+    if args.extra and args.command not in ("bench", "eval", "plan"):
         parser.error(f"unrecognized arguments: {' '.join(args.extra)}")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:

@@ -108,8 +108,9 @@ def summarize(records: list[RequestRecord], duration_s: float, slo: SLO | None =
 
 async def search_goodput(attainment_at: Callable[[float], Awaitable[float]], low: float, high: float,
                          iterations: int = 6, target: float = TARGET_ATTAINMENT) -> tuple[float, list[tuple[float, float]]]:
-    """The highest rate in [low, high] whose attainment is at least `target`, by bisection (it assumes
-    attainment falls as the rate rises), and every (rate, attainment) tried. 0.0 if even `low` misses."""
+    """The highest rate in [low, high] whose attainment is at least `target`, by bisection on a log
+    scale (it assumes attainment falls as the rate rises), and every (rate, attainment) tried.
+    0.0 if even `low` misses."""
     tried = []
 
     async def meets(rate: float) -> bool:
@@ -122,7 +123,7 @@ async def search_goodput(attainment_at: Callable[[float], Awaitable[float]], low
     if await meets(high):
         return high, tried
     for _ in range(iterations):
-        mid = (low + high) / 2
+        mid = (low * high) ** 0.5 if low > 0 else high / 2  # bisect on a log scale: rates span decades
         if await meets(mid):
             low = mid
         else:

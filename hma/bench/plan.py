@@ -1,0 +1,227 @@
+"""Cost planner: goodput and goodput per dollar of deployments we cannot rent, by simulation.
+
+`python -m hma plan --model qwen3-8b --trace azure-conv --slo-ttft-ms 250 --slo-tpot-ms 100`
+Step costs are rooflines scaled by efficiencies measured on a real GPU: a decode step takes
+overhead + (weights + KV of every running token) / (bandwidth x efficiency); a prefill batch
+takes overhead + FLOPs / (peak x efficiency), per precision; the KV tail after prefill is one
+layer's share of the transfer when pipelined (the whole transfer when not) over --link-gbps.
+The efficiencies and overheads come from `python -m hma bench speed` on an H100 (--calibration
+refits them from its JSON) and are assumed to carry over to the other cards: a hypothesis,
+checked only where a measured run exists. Each deployment replays the same trace through the
+simulator (hma/bench/simulate.py) at bisected rates; goodput is the highest rate with 90% of
+requests within both SLOs (DistServe), and goodput per dollar divides it by the cards' price.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from hma.bench.goodput import SLO, attainment, search_goodput
+from hma.bench.hardware import ACCELERATORS, Accelerator
+from hma.bench.simulate import Deployment, simulate
+from hma.bench.speed import prefill_flops
+from hma.bench.traces import TraceRequest, clip, read_trace, scale_to_rate, trace_path
+from hma.config import QWEN3_SHAPES, ModelConfig, qwen3_shape
+from hma.kv_formats import get_kv_format
+
+MEMORY_USABLE = 0.9  # share of a card's memory for weights and KV (the rest: activations, graphs)
+
+
+@dataclass(frozen=True, slots=True)
+class Calibration:
+    """(overhead seconds, efficiency) for decode steps per KV format and prefill per precision."""
+
+    decode: dict[str, tuple[float, float]]
+    prefill: dict[str, tuple[float, float]]
+
+
+# Fitted by `calibrate` to the H100 run in the README (bench speed, 2026-11-23, qwen3-4b and -8b).
+H100_CALIBRATION = Calibration(
+    decode={"bf16": (1.86e-3, 0.799), "fp8": (0.0, 0.531), "int8": (0.0, 0.500), "int4": (0.0, 0.384)},
+    prefill={"bf16": (20.2e-3, 0.602), "fp8": (44.3e-3, 0.471), "int8": (40.5e-3, 0.277)})
+
+
+def _fit(points: list[tuple[float, float]]) -> tuple[float, float]:
+    """(intercept >= 0, slope) of a least-squares line through (x, seconds) points."""
+    x, y = np.array(points).T
+    slope, intercept = np.polyfit(x, y, 1)
+    if intercept < 0:
+        intercept, slope = 0.0, float(np.dot(x, y) / np.dot(x, x))
+    return float(intercept), float(slope)
+
+
+def calibrate(speed: dict, device: Accelerator) -> Calibration:
+    """Overheads and efficiencies from a `bench speed` JSON measured on `device`."""
+    decode, prefill = {}, {}
+    for kv in {r["kv_dtype"] for s in speed["shapes"] for r in s["decode"]}:
+        points = [(r["weight_bytes"] + r["kv_bytes"], r["step_s"]) for s in speed["shapes"]
+                  for r in s["decode"] if r["kv_dtype"] == kv and "step_s" in r]
+        overhead, slope = _fit(points)
+        decode[kv] = (overhead, 1 / (slope * device.bandwidth))
+    for mode in {r["prefill_dtype"] for s in speed["shapes"] for r in s["prefill"]}:
+        points = [(prefill_flops(qwen3_shape(s["shape"]), r["prompt_len"]), r["seconds"])
+                  for s in speed["shapes"] for r in s["prefill"] if r["prefill_dtype"] == mode]
+        overhead, slope = _fit(points)
+        prefill[mode] = (overhead, 1 / (slope * device.peak(mode)))
+    return Calibration(decode, prefill)
+
+
+def num_params(config: ModelConfig) -> int:
+    h, inter = config.hidden_size, config.intermediate_size
+    q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+    layer = h * (q + 2 * kv) + q * h + 3 * h * inter + 2 * h
+    embeddings = config.vocab_size * h * (1 if config.tie_word_embeddings else 2)
+    return config.num_hidden_layers * layer + embeddings + h
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """One deployment to evaluate: cards, counts, precisions."""
+
+    label: str
+    decode: Accelerator
+    num_decode: int
+    prefill: Accelerator | None = None  # None: colocated replicas on the decode cards
+    num_prefill: int = 0
+    prefill_dtype: str = "bf16"
+    kv_dtype: str = "bf16"
+    pipeline: bool = True
+
+    @property
+    def dollars_per_hour(self) -> float | None:
+        prices = [(self.decode, self.num_decode)] + ([(self.prefill, self.num_prefill)] if self.prefill else [])
+        if any(card.dollars_per_hour is None for card, _ in prices):
+            return None
+        return sum(card.dollars_per_hour * n for card, n in prices)
+
+
+def build(plan: Plan, model: ModelConfig, cal: Calibration, link_bytes_per_s: float) -> Deployment | str:
+    """The simulator's Deployment for a plan, or why it cannot run (does not fit, no such unit)."""
+    params = num_params(model)
+    kv_per_token = 2 * model.num_hidden_layers * get_kv_format(plan.kv_dtype).bytes_per_token(
+        model.num_key_value_heads, model.head_dim)
+    decode_weights = 2 * params  # decode keeps bf16 weights
+    kv_room = plan.decode.memory_bytes * MEMORY_USABLE - decode_weights
+    if kv_room <= 0:
+        return f"{model_name(model)} bf16 weights do not fit a {plan.decode.name}"
+    prefill_card = plan.prefill or plan.decode
+    prefill_mode = plan.prefill_dtype if plan.prefill else "bf16"
+    peak = prefill_card.peak(prefill_mode)
+    if peak is None:
+        return f"{prefill_card.name} has no {prefill_mode} rate to plan with"
+    if plan.prefill and params * (1 if prefill_mode != "bf16" else 2) > plan.prefill.memory_bytes * MEMORY_USABLE:
+        return f"{prefill_mode} weights do not fit a {plan.prefill.name}"
+    p_over, p_eff = cal.prefill[prefill_mode]
+    d_over, d_eff = cal.decode[plan.kv_dtype]
+    weight_read = decode_weights - (0 if model.tie_word_embeddings else 2 * model.vocab_size * model.hidden_size)
+
+    def prefill_s(lens: list[int]) -> float:
+        return p_over + sum(prefill_flops(model, n) for n in lens) / (peak * p_eff)
+
+    def decode_s(contexts: list[int]) -> float:
+        return d_over + (weight_read + kv_per_token * sum(contexts)) / (plan.decode.bandwidth * d_eff)
+
+    def transfer_s(prompt_len: int) -> float:
+        if plan.prefill is None:
+            return 0.0
+        total = kv_per_token * prompt_len / link_bytes_per_s
+        if not plan.pipeline:
+            return total
+        # pipelined: layers travel while later ones compute; what is left is the last layer's
+        # share, plus whatever the link could not keep up with
+        return total / model.num_hidden_layers + max(0.0, total - prefill_s([prompt_len]))
+
+    return Deployment(num_prefill=plan.num_prefill if plan.prefill else 0, num_decode=plan.num_decode,
+                      prefill_s=prefill_s, decode_s=decode_s, transfer_s=transfer_s,
+                      kv_capacity_tokens=int(kv_room // kv_per_token))
+
+
+def model_name(model: ModelConfig) -> str:
+    return next((n for n in QWEN3_SHAPES if qwen3_shape(n) == model), "the model")
+
+
+def simulated_goodput(requests: list[TraceRequest], deployment: Deployment, slo: SLO,
+                      low: float, high: float, iterations: int) -> float:
+    async def attainment_at(rate: float) -> float:
+        return attainment(simulate(scale_to_rate(requests, rate), deployment), slo)
+
+    return asyncio.run(search_goodput(attainment_at, low, high, iterations))[0]
+
+
+def default_plans() -> list[Plan]:
+    """Homogeneous baselines and HMA pairs: GDDR prefill cards with an H100 decoding."""
+    h100 = ACCELERATORS["H100"]
+    plans = [Plan("H100 x2, colocated (bf16)", h100, 2),
+             Plan("H100 + H100, disaggregated bf16, no pipeline", h100, 1, h100, 1, "bf16", "bf16", False),
+             Plan("H100 + H100, HMA (fp8 prefill, fp8 KV, pipeline)", h100, 1, h100, 1, "fp8", "fp8")]
+    for name in ("L40S", "RTX4090", "Blackhole", "A10", "L20"):
+        card = ACCELERATORS[name]
+        mode = "fp8" if card.fp8_flops else "int8"
+        for n in (1, 2):
+            plans.append(Plan(f"{name} x{n} + H100, HMA ({mode} prefill, fp8 KV, pipeline)", h100, 1, card, n,
+                              mode, "fp8"))
+    return plans
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m hma plan", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="qwen3-8b", choices=sorted(QWEN3_SHAPES))
+    parser.add_argument("--trace", default="azure-conv")
+    parser.add_argument("--num-prompts", type=int, default=300)
+    parser.add_argument("--max-prompt-len", type=int, default=32768)
+    parser.add_argument("--max-output-len", type=int, default=2048)
+    parser.add_argument("--slo-ttft-ms", type=float, default=250.0)
+    parser.add_argument("--slo-tpot-ms", type=float, default=100.0)
+    parser.add_argument("--link-gbps", type=float, default=100.0, help="prefill -> decode link, Gbit/s")
+    parser.add_argument("--calibration", type=Path, default=None, help="a bench speed JSON from an H100")
+    parser.add_argument("--8bit-as-fast-as-bf16", dest="fast_8bit", action="store_true",
+                        help="what if: 8-bit prefill and KV reached bf16's measured efficiency and overhead")
+    parser.add_argument("--search-rates", default="0.1,200")
+    parser.add_argument("--search-iters", type=int, default=10)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+
+    model = qwen3_shape(args.model)
+    h100 = ACCELERATORS["H100"]
+    cal = calibrate(json.loads(args.calibration.read_text()), h100) if args.calibration else H100_CALIBRATION
+    if args.fast_8bit:
+        cal = Calibration({kv: cal.decode["bf16"] for kv in cal.decode},
+                          {mode: cal.prefill["bf16"] for mode in cal.prefill})
+    requests, num_clipped = clip(read_trace(trace_path(args.trace))[:args.num_prompts], args.max_prompt_len,
+                                 args.max_output_len)
+    slo = SLO(args.slo_ttft_ms / 1e3, args.slo_tpot_ms / 1e3)
+    low, high = (float(x) for x in args.search_rates.split(","))
+    rows = []
+    print(f"{args.model}, {args.trace} ({len(requests)} requests, {num_clipped} clipped), SLO TTFT "
+          f"{args.slo_ttft_ms:g} ms / TPOT {args.slo_tpot_ms:g} ms, link {args.link_gbps:g} Gbit/s")
+    print(f"{'deployment':<58} {'$/h':>6} {'goodput req/s':>13} {'req per $':>10}")
+    for plan in default_plans():
+        deployment = build(plan, model, cal, args.link_gbps * 1e9 / 8)
+        row = {"deployment": plan.label, "dollars_per_hour": plan.dollars_per_hour}
+        if isinstance(deployment, str):
+            rows.append({**row, "skipped": deployment})
+            print(f"{plan.label:<58}  skipped: {deployment}")
+            continue
+        goodput = simulated_goodput(requests, deployment, slo, low, high, args.search_iters)
+        per_dollar = goodput * 3600 / plan.dollars_per_hour if plan.dollars_per_hour else None
+        rows.append({**row, "goodput": goodput, "requests_per_dollar": per_dollar})
+        price = f"{plan.dollars_per_hour:>6.2f}" if plan.dollars_per_hour else f"{'n/a':>6}"
+        dollars = f"{per_dollar:>10,.0f}" if per_dollar is not None else f"{'n/a':>10}"
+        print(f"{plan.label:<58} {price} {goodput:>13.2f} {dollars}")
+    result = {"model": args.model, "trace": args.trace, "num_prompts": len(requests), "num_clipped": num_clipped,
+              "slo": {"ttft_ms": args.slo_ttft_ms, "tpot_ms": args.slo_tpot_ms}, "link_gbps": args.link_gbps,
+              "calibration": {"decode": cal.decode, "prefill": cal.prefill}, "fast_8bit": args.fast_8bit,
+              "date": time.strftime("%Y-%m-%d"),
+              "rows": rows}
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2))
+    return result

@@ -1,0 +1,71 @@
+"""The cost planner's pieces: calibration, the cost model built from a plan, the hardware table."""
+
+import pytest
+
+from hma.bench.hardware import ACCELERATORS
+from hma.bench.plan import H100_CALIBRATION, Plan, build, calibrate, main, num_params
+from hma.bench.speed import prefill_flops
+from hma.config import qwen3_shape
+
+H100 = ACCELERATORS["H100"]
+LINK = 100e9 / 8
+
+
+def _speed_json(overhead_decode, eff_decode, overhead_prefill, eff_prefill):
+    """What bench speed would print for a GPU that follows the cost model exactly."""
+    config = qwen3_shape("qwen3-4b")
+    decode = [{"kv_dtype": "bf16", "context_len": c, "batch_size": b, "weight_bytes": 8e9, "kv_bytes": 1e6 * b * c,
+               "step_s": overhead_decode + (8e9 + 1e6 * b * c) / (H100.bandwidth * eff_decode)}
+              for c in (1024, 4096) for b in (1, 64)]
+    prefill = [{"prefill_dtype": "bf16", "prompt_len": n,
+                "seconds": overhead_prefill + prefill_flops(config, n) / (H100.bf16_flops * eff_prefill)}
+               for n in (512, 2048, 8192)]
+    return {"shapes": [{"shape": "qwen3-4b", "decode": decode, "prefill": prefill}]}
+
+
+def test_calibration_recovers_the_overheads_and_efficiencies_of_a_known_gpu():
+    cal = calibrate(_speed_json(0.002, 0.8, 0.02, 0.6), H100)
+    assert cal.decode["bf16"] == pytest.approx((0.002, 0.8), rel=1e-6)
+    assert cal.prefill["bf16"] == pytest.approx((0.02, 0.6), rel=1e-6)
+
+
+def test_qwen3_parameter_counts_match_the_published_sizes():
+    assert num_params(qwen3_shape("qwen3-8b")) / 1e9 == pytest.approx(8.2, abs=0.1)
+    assert num_params(qwen3_shape("qwen3-32b")) / 1e9 == pytest.approx(32.8, abs=0.3)
+
+
+def test_a_plan_whose_weights_do_not_fit_says_so():
+    reason = build(Plan("x", ACCELERATORS["RTX4090"], 1), qwen3_shape("qwen3-14b"), H100_CALIBRATION, LINK)
+    assert isinstance(reason, str) and "do not fit" in reason
+
+
+def test_pipelining_leaves_only_the_last_layers_share_of_the_transfer():
+    model = qwen3_shape("qwen3-8b")
+    l40s = ACCELERATORS["L40S"]
+    piped = build(Plan("p", H100, 1, l40s, 1, "fp8", "fp8", True), model, H100_CALIBRATION, LINK)
+    whole = build(Plan("w", H100, 1, l40s, 1, "fp8", "fp8", False), model, H100_CALIBRATION, LINK)
+    colocated = build(Plan("c", H100, 1), model, H100_CALIBRATION, LINK)
+    assert whole.transfer_s(2048) == pytest.approx(piped.transfer_s(2048) * model.num_hidden_layers)
+    assert colocated.transfer_s(2048) == 0.0
+    # a decode step reads every weight once plus the running tokens' KV
+    assert colocated.decode_s([1000, 3000]) > colocated.decode_s([1000])
+
+
+def test_faster_8bit_calibration_raises_the_planned_goodput(capsys):
+    slow = main(["--model", "qwen3-4b", "--trace", "azure-conv", "--num-prompts", "60", "--search-iters", "5"])
+    fast = main(["--model", "qwen3-4b", "--trace", "azure-conv", "--num-prompts", "60", "--search-iters", "5",
+                 "--8bit-as-fast-as-bf16"])
+    label = "L40S x2 + H100, HMA (fp8 prefill, fp8 KV, pipeline)"
+    goodput = {r["deployment"]: r["goodput"] for r in slow["rows"] if "goodput" in r}
+    goodput_fast = {r["deployment"]: r["goodput"] for r in fast["rows"] if "goodput" in r}
+    assert goodput_fast[label] > goodput[label]
+    assert "deployment" in capsys.readouterr().out
+
+
+def test_every_card_names_its_sources_and_gives_dense_rates_or_none():
+    for card in ACCELERATORS.values():
+        assert card.spec_source and card.price_source
+        assert card.memory_bytes > 0 and card.bandwidth > 0
+        assert card.dollars_per_hour is None or card.dollars_per_hour > 0
+    assert ACCELERATORS["L40S"].fp8_flops == 733e12  # dense, not the 1,466 with 2:4 sparsity
+
