@@ -186,7 +186,9 @@ class RouterConfig:
     served_model_name: str | None = field(default=None, metadata={"help": "the model name clients send"})
     host: str = field(default="127.0.0.1", metadata={"help": "HTTP address to listen on"})
     port: int = field(default=8000, metadata={"help": "HTTP port"})
-    prefill_hosts: str = field(default="127.0.0.1:8100", metadata={"help": "comma-separated host:port"})
+    prefill_hosts: str = field(default="127.0.0.1:8100", metadata={
+        "help": "comma-separated host:port; '' makes the decode hosts colocated replicas that prefill "
+                "their own prompts (the memory-homogeneous baseline)"})
     decode_hosts: str = field(default="127.0.0.1:8200", metadata={"help": "comma-separated host:port"})
     secret: str | None = field(default=None, metadata={"help": "the hosts' shared secret (default: $HMA_SECRET)"})
     api_strict: bool = field(default=True, metadata={"help": "refuse unknown request fields with a 400"})

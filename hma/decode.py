@@ -28,7 +28,7 @@ from hma.host import DEFAULT_PORTS, listen_until_stopped, load_engine, phase, re
 from hma.kv_cache import blocks_for
 from hma.kv_formats import KVFormat, get_kv_format
 from hma.kv_transfer import put_layer_kv
-from hma.request import Request
+from hma.request import Request, RequestOutput
 from hma.sampling import SamplingParams
 from hma.transport import Connection, HandshakeError, connect, for_each_message, parse_address
 from hma.wire import (Abort, BeginReply, ErrorMessage, FirstToken, Generate, Hello, KVLayer, Message, Query,
@@ -137,7 +137,8 @@ class KVLanding:
 
 
 class DecodeServer:
-    """Serves routers' Generate requests; pulls each prompt's KV from the prefill host it names."""
+    """Serves routers' Generate requests; pulls each prompt's KV from the prefill host it names, or,
+    named none, prefills it here (a colocated replica: the memory-homogeneous baseline)."""
 
     def __init__(self, engine: LLMEngine, hello: Callable[[], Hello], secret: bytes,
                  landing_timeout_s: float = 120.0) -> None:
@@ -150,6 +151,7 @@ class DecodeServer:
         self.begin_replies: dict[str, asyncio.Future] = {}  # request id -> the prefill host's BeginReply
         self.timelines: OrderedDict[str, dict] = OrderedDict()
         self.kv_bytes_received = 0
+        self.num_requests_finished = 0
 
     async def serve_router(self, conn: Connection) -> None:
         """Serves one router until it leaves or breaks; its requests in flight are then aborted."""
@@ -178,6 +180,8 @@ class DecodeServer:
 
     async def _serve_request(self, conn: Connection, msg: Generate) -> None:
         """One request, begin to end: place its KV, stream its tokens; abort whatever is left."""
+        if not msg.prefill_host:
+            return await self._serve_colocated(conn, msg)
         rid, stream, link, finished = msg.request_id, OutputStream(), None, False
         try:
             link = await self._link(msg.prefill_host)
@@ -186,6 +190,7 @@ class DecodeServer:
             if reply.accepted:
                 await self._stream_tokens(conn, rid, stream)
                 finished = True
+                self.num_requests_finished += 1
         except HMAError as exc:
             log.info("failed request_id=%s reason=%s", rid, exc)
             await conn.send_quietly(ErrorMessage(rid, exc.code, str(exc)))
@@ -195,6 +200,23 @@ class DecodeServer:
                 self.worker.abort(rid)
                 if link is not None and not link.writer.is_closing():
                     await link.send_quietly(Abort(rid, "aborted by the decode host"))
+
+    async def _serve_colocated(self, conn: Connection, msg: Generate) -> None:
+        """A colocated replica's request: this engine prefills and decodes it, as `serve` does."""
+        num_sent = 0
+        try:
+            try:
+                params = SamplingParams(**msg.sampling)
+            except TypeError as exc:
+                raise ProtocolError(f"bad sampling parameters: {exc}") from None
+            await conn.send(BeginReply(msg.request_id, True))
+            async for out in self.worker.generate({"prompt_token_ids": list(msg.prompt_token_ids)}, params,
+                                                  msg.request_id):
+                num_sent = await _send_tokens(conn, out, num_sent)
+            self.num_requests_finished += 1
+        except HMAError as exc:
+            log.info("failed request_id=%s reason=%s", msg.request_id, exc)
+            await conn.send_quietly(ErrorMessage(msg.request_id, exc.code, str(exc)))
 
     async def _stream_tokens(self, conn: Connection, request_id: str, stream: OutputStream) -> None:
         """Forwards outputs as Tokens; a request whose KV has not landed in time fails (no hang)."""
@@ -208,10 +230,7 @@ class DecodeServer:
             except TimeoutError:
                 raise ServiceUnavailableError(f"the KV of request {request_id} did not land within "
                                               f"{self.landing_timeout_s:g} s") from None
-            done = out.finished
-            await conn.send(Tokens(request_id, out.token_ids[num_sent:], out.finish_reason if done else None,
-                                   out.outputs[0].stop_reason if done else None, out.text if done else ""))
-            num_sent = len(out.token_ids)
+            num_sent = await _send_tokens(conn, out, num_sent)
 
     async def _begin(self, link: Connection, msg: Generate, stream: OutputStream) -> BeginReply:
         """Reserves blocks here, then asks the prefill host; a refusal from either frees them."""
@@ -327,7 +346,15 @@ class DecodeServer:
             return self.timelines.get(query.request_id, {})
         status = self.worker.status()
         return {**status, "role": "decode", "waiting": status["waiting"] + len(self.landing.pending),
-                "kv_bytes_received": self.kv_bytes_received}
+                "kv_bytes_received": self.kv_bytes_received, "num_requests_finished": self.num_requests_finished}
+
+
+async def _send_tokens(conn: Connection, out: RequestOutput, num_sent: int) -> int:
+    """Sends the tokens of out past the first num_sent (and, when finished, the reason and text)."""
+    done = out.finished
+    await conn.send(Tokens(out.request_id, out.token_ids[num_sent:], out.finish_reason if done else None,
+                           out.outputs[0].stop_reason if done else None, out.text if done else ""))
+    return len(out.token_ids)
 
 
 async def serve_decode(engine_config: EngineConfig, host_config: HostConfig) -> None:

@@ -2,7 +2,8 @@
 open (and reopened when lost), replies sorted by request id, and host choice by outstanding work.
 
 A request: take the prefill host and the decode host with the fewest requests in flight from this
-router; send Generate to the decode host, naming the prefill host. A refusal for lack of KV blocks
+router; send Generate to the decode host, naming the prefill host (with no prefill hosts given, the
+decode hosts are colocated replicas that prefill their own prompts: Generate names none). A refusal for lack of KV blocks
 moves on to the next decode host; when every one refuses, the request waits (bounded) until some
 request ends, then tries again; a permanent refusal or the wait running out is an error. Then
 tokens stream back from the decode host as RequestOutputs. A host counts as ready once its
@@ -104,8 +105,9 @@ class Cluster:
 
     def __init__(self, prefill_addresses: list[str], decode_addresses: list[str],
                  hello: Callable[[], Hello], secret: bytes) -> None:
-        if not prefill_addresses or not decode_addresses:
-            raise InvalidRequestError("give at least one prefill host and one decode host")
+        if not decode_addresses:
+            raise InvalidRequestError("give at least one decode host (and prefill hosts, or none for "
+                                      "colocated replicas)")
         self.prefills = [HostLink("prefill", a) for a in prefill_addresses]
         self.decodes = [HostLink("decode", a) for a in decode_addresses]
         self.hello, self.secret = hello, secret
@@ -170,19 +172,19 @@ class Cluster:
             req.output_text, req.metrics.finished_time = msg.text, now
         return RequestOutput.of(req)
 
-    async def _place(self, req: Request) -> tuple[HostLink, HostLink, asyncio.Queue]:
+    async def _place(self, req: Request) -> tuple[HostLink, HostLink | None, asyncio.Queue]:
         """The decode host that accepted the request, its prefill host, and its reply queue."""
         deadline = time.monotonic() + PLACEMENT_TIMEOUT_S
         sampling = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(req.sampling_params).items()}
         while True:
             prefill = _least_loaded(self.prefills)
             decodes = sorted((h for h in self.decodes if h.conn), key=lambda h: h.num_outstanding)
-            if prefill is None or not decodes:
+            if (prefill is None and self.prefills) or not decodes:
                 raise ServiceUnavailableError("no prefill or no decode host is connected")
             reasons = []
             for decode in decodes:
                 reply, replies = await self._try(decode, prefill, Generate(req.request_id, req.prompt_token_ids,
-                                                                           sampling, prefill.address))
+                                                                           sampling, prefill.address if prefill else ""))
                 if reply.accepted:
                     return decode, prefill, replies
                 if not reply.retryable:
@@ -195,12 +197,14 @@ class Cluster:
                 raise ServiceUnavailableError(f"no decode host could take the request within "
                                               f"{PLACEMENT_TIMEOUT_S:.0f} s ({'; '.join(reasons)})") from None
 
-    async def _try(self, decode: HostLink, prefill: HostLink, msg: Generate) -> tuple[BeginReply, asyncio.Queue]:
+    async def _try(self, decode: HostLink, prefill: HostLink | None,
+                   msg: Generate) -> tuple[BeginReply, asyncio.Queue]:
         """Sends Generate and waits for the decode host's answer; counts the request as in flight
         on both hosts while it is accepted."""
         replies = decode.replies[msg.request_id] = asyncio.Queue()
         decode.num_outstanding += 1
-        prefill.num_outstanding += 1
+        if prefill is not None:
+            prefill.num_outstanding += 1
         try:
             await decode.conn.send(msg)
             reply = await asyncio.wait_for(replies.get(), BEGIN_TIMEOUT_S)
@@ -212,7 +216,8 @@ class Cluster:
             reply = BeginReply(msg.request_id, False, str(reply), retryable=True)
         if not reply.accepted:
             decode.num_outstanding -= 1
-            prefill.num_outstanding -= 1
+            if prefill is not None:
+                prefill.num_outstanding -= 1
             del decode.replies[msg.request_id]
         return reply, replies
 

@@ -32,7 +32,8 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 @dataclass
 class LocalCluster:
-    """A prefill host, a decode host and a router, each its own process on this machine."""
+    """A prefill host, decode hosts and a router, each its own process on this machine (colocated:
+    no prefill host, the decode hosts prefill their own prompts)."""
 
     model: str = "demo"
     prefill_flags: list[str] = field(default_factory=list)
@@ -44,21 +45,27 @@ class LocalCluster:
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     secret: str = field(default_factory=lambda: secrets.token_hex(16))
     router_port: int = 0
-    decode_address: str = ""
+    decode_address: str = ""  # the first decode host's
+    num_decode: int = 1
+    colocated: bool = False  # no prefill host: the decode hosts prefill their own prompts
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.router_port}"
 
     def start(self, timeout: float = START_TIMEOUT_S) -> LocalCluster:
-        prefill = self.prefill_address or f"127.0.0.1:{free_port()}"
-        decode = self.decode_address = f"127.0.0.1:{free_port()}"
+        prefill = "" if self.colocated else self.prefill_address or f"127.0.0.1:{free_port()}"
+        decodes = [f"127.0.0.1:{free_port()}" for _ in range(self.num_decode)]
+        self.decode_address = decodes[0]
         self.router_port = free_port()
-        pf_host, _, pf_port = prefill.rpartition(":")
-        self._spawn("prefill", ["--host", pf_host, "--port", pf_port, "--model", self.model, *self.prefill_flags])
-        self._spawn("decode", ["--port", decode.rpartition(":")[2], "--model", self.model, *self.decode_flags])
+        if prefill:
+            pf_host, _, pf_port = prefill.rpartition(":")
+            self._spawn("prefill", ["--host", pf_host, "--port", pf_port, "--model", self.model, *self.prefill_flags])
+        for i, decode in enumerate(decodes):
+            self._spawn("decode", ["--port", decode.rpartition(":")[2], "--model", self.model, *self.decode_flags],
+                        name=f"decode-{i}" if i else "decode")
         self._spawn("router", ["--port", str(self.router_port), "--model", self.model, "--prefill-hosts", prefill,
-                               "--decode-hosts", decode, *self.router_flags])
+                               "--decode-hosts", ",".join(decodes), *self.router_flags])
         try:
             self._wait_healthy(timeout)
         except BaseException:
@@ -66,11 +73,12 @@ class LocalCluster:
             raise
         return self
 
-    def _spawn(self, role: str, flags: list[str]) -> None:
+    def _spawn(self, role: str, flags: list[str], name: str | None = None) -> None:
+        name = name or role
         env = {**os.environ, "HMA_SECRET": self.secret, "PYTHONUNBUFFERED": "1"}
         command = [*self.prefix.get(role, []), sys.executable, "-m", "hma", role, *flags]
-        with open(self.log_dir / f"{role}.log", "w") as log_file:
-            self.processes[role] = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env)
+        with open(self.log_dir / f"{name}.log", "w") as log_file:
+            self.processes[name] = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env)
 
     def _wait_healthy(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout

@@ -223,6 +223,7 @@ def host_metrics(statuses: list[tuple[str, dict]]) -> list:
     usage = Gauge("hma:kv_cache_usage_perc", "KV cache usage; 1 means 100 percent.")
     free = Gauge("hma:kv_cache_free_blocks", "Free KV cache blocks.")
     sent = Counter("hma:kv_transfer_bytes_total", "KV bytes sent by prefill hosts, framing included.")
+    finished = Counter("hma:request_success_total", "Requests each decode host finished.")
     for host, status in statuses:
         labels = {"host": host}
         running.set(status["running"], labels)
@@ -231,7 +232,9 @@ def host_metrics(statuses: list[tuple[str, dict]]) -> list:
         usage.set(1 - status["num_free_blocks"] / max(status["num_blocks"], 1), labels)
         if "kv_bytes_sent" in status:
             sent.inc(status["kv_bytes_sent"], {**labels, "kv_format": status["kv_format"]})
-    return [running, waiting, usage, free, sent]
+        if "num_requests_finished" in status:
+            finished.inc(status["num_requests_finished"], labels)
+    return [running, waiting, usage, free, sent, finished]
 
 
 async def _json(request: web.Request) -> object:

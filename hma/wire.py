@@ -100,13 +100,14 @@ class RequestBegin:
 
 @dataclass(frozen=True, slots=True)
 class Generate:
-    """Router asks a decode host to serve a request, prefilled by the prefill host it names."""
+    """Router asks a decode host to serve a request, prefilled by the prefill host it names
+    (none: the decode host is a colocated replica and prefills it itself)."""
 
     TYPE: ClassVar[str] = "Generate"
     request_id: str
     prompt_token_ids: list[int]
     sampling: dict[str, Any]
-    prefill_host: str  # "host:port"
+    prefill_host: str  # "host:port", or "" for a colocated replica
 
 
 @dataclass(frozen=True, slots=True)
