@@ -147,12 +147,13 @@ def model_name(model: ModelConfig) -> str:
     return next((n for n in QWEN3_SHAPES if qwen3_shape(n) == model), "the model")
 
 
-def simulated_goodput(requests: list[TraceRequest], deployment: Deployment, slo: SLO,
-                      low: float, high: float, iterations: int) -> float:
+def simulated_goodput(requests: list[TraceRequest], deployment: Deployment, slo: SLO, low: float, high: float,
+                      iterations: int) -> tuple[float, list[tuple[float, float]]]:
+    """Goodput, and every (rate, attainment) the search simulated."""
     async def attainment_at(rate: float) -> float:
         return attainment(simulate(scale_to_rate(requests, rate), deployment), slo)
 
-    return asyncio.run(search_goodput(attainment_at, low, high, iterations))[0]
+    return asyncio.run(search_goodput(attainment_at, low, high, iterations))
 
 
 def default_plans() -> list[Plan]:
@@ -210,9 +211,10 @@ def main(argv: list[str] | None = None) -> dict:
             rows.append({**row, "skipped": deployment})
             print(f"{plan.label:<58}  skipped: {deployment}")
             continue
-        goodput = simulated_goodput(requests, deployment, slo, low, high, args.search_iters)
+        goodput, tried = simulated_goodput(requests, deployment, slo, low, high, args.search_iters)
         per_dollar = goodput * 3600 / plan.dollars_per_hour if plan.dollars_per_hour else None
-        rows.append({**row, "goodput": goodput, "requests_per_dollar": per_dollar})
+        rows.append({**row, "goodput": goodput, "requests_per_dollar": per_dollar,
+                     "tried": [{"rate": r, "slo_attainment": a} for r, a in tried]})
         price = f"{plan.dollars_per_hour:>6.2f}" if plan.dollars_per_hour else f"{'n/a':>6}"
         dollars = f"{per_dollar:>10,.0f}" if per_dollar is not None else f"{'n/a':>10}"
         print(f"{plan.label:<58} {price} {goodput:>13.2f} {dollars}")
