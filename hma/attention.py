@@ -26,7 +26,8 @@ def write_kv(cache: LayerKV, k: torch.Tensor, v: torch.Tensor, slot_mapping: tor
         from hma import kernels
 
         if kernels.can_write_kv(cache.format):
-            return kernels.write_kv(cache, k, v, slot_mapping)  # one kernel, same bytes
+            kernels.write_kv(cache, k, v, slot_mapping)  # one kernel, the same bytes
+            return
     store_kv(cache, quantize_kv(k, v, cache.format), slot_mapping)
 
 

@@ -4,8 +4,9 @@ A decode step launches hundreds of small kernels; launched one by one from Pytho
 10x the GPU time they cover. Captured once per bucket, a step is one graph launch. In: the
 decode chunks of a step (one token each). Out: float32 logits, one row per chunk. A step's
 inputs are written into pinned host arrays and copied to the device in two copies; the graphs
-read them through fixed views. Graphs are captured on first use (the decode host's warm-up). Padding rows (a batch of 5 runs the bucket of 8)
-have length 0, so attention skips them, and write their K/V to a block this runner owns.
+read them through fixed views. Graphs are captured on first use (the decode host's warm-up).
+Padding rows (a batch of 5 runs the bucket of 8) have length 0, so attention skips them, and
+write their K/V to a block this runner owns (the engine leaves it out of max_model_len).
 Only pure decode steps run here; prefill and mixed steps run eagerly.
 """
 

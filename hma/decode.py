@@ -203,7 +203,7 @@ class DecodeServer:
 
     async def _serve_colocated(self, conn: Connection, msg: Generate) -> None:
         """A colocated replica's request: this engine prefills and decodes it, as `serve` does."""
-        num_sent = 0
+        num_sent, finished = 0, False
         try:
             try:
                 params = SamplingParams(**msg.sampling)
@@ -213,10 +213,16 @@ class DecodeServer:
             async for out in self.worker.generate({"prompt_token_ids": list(msg.prompt_token_ids)}, params,
                                                   msg.request_id):
                 num_sent = await _send_tokens(conn, out, num_sent)
+            finished = True
             self.num_requests_finished += 1
         except HMAError as exc:
             log.info("failed request_id=%s reason=%s", msg.request_id, exc)
             await conn.send_quietly(ErrorMessage(msg.request_id, exc.code, str(exc)))
+        except OSError as exc:  # the router's connection broke: its reader ends the rest
+            log.info("failed request_id=%s reason=%s", msg.request_id, exc)
+        finally:
+            if not finished:
+                self.worker.abort(msg.request_id)  # explicit, as the disaggregated path does
 
     async def _stream_tokens(self, conn: Connection, request_id: str, stream: OutputStream) -> None:
         """Forwards outputs as Tokens; a request whose KV has not landed in time fails (no hang)."""

@@ -67,11 +67,11 @@ class LLMEngine:
         self.device = next(model.parameters()).device
         self.scheduler = Scheduler(kv_cache.allocator, kv_cache.block_size, config.max_num_seqs,
                                    config.max_num_batched_tokens)
-        self.max_model_len = _max_model_len(config, model.config, kv_cache)
+        use_graphs = self.device.type == "cuda" and not config.enforce_eager
+        # The graphs keep one block for their padding rows: no request may count on it.
+        self.max_model_len = _max_model_len(config, model.config, kv_cache, reserved_blocks=int(use_graphs))
         self._ids = itertools.count()
-        self.graphs = None
-        if self.device.type == "cuda" and not config.enforce_eager:
-            self.graphs = DecodeGraphs(model, kv_cache, config.max_num_seqs, self.max_model_len)
+        self.graphs = DecodeGraphs(model, kv_cache, config.max_num_seqs, self.max_model_len) if use_graphs else None
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> LLMEngine:
@@ -235,17 +235,18 @@ def make_kv_cache(model_config: ModelConfig, config: EngineConfig, dtype: torch.
     return KVCache(model_config, num_blocks, config.block_size, fmt, device)
 
 
-def _max_model_len(config: EngineConfig, model_config: ModelConfig, kv_cache: KVCache) -> int:
+def _max_model_len(config: EngineConfig, model_config: ModelConfig, kv_cache: KVCache,
+                   reserved_blocks: int = 0) -> int:
     """The longest prompt + output a request may have: it must fit the cache on its own."""
     wanted = config.max_model_len or model_config.max_position_embeddings
-    if config.max_model_len and config.max_model_len > kv_cache.num_tokens:
+    room = (kv_cache.num_blocks - reserved_blocks) * kv_cache.block_size
+    if config.max_model_len and config.max_model_len > room:
         raise RequestTooLargeError(
-            f"max_model_len={config.max_model_len} does not fit: the KV cache holds "
-            f"{kv_cache.num_tokens} tokens ({kv_cache.num_blocks} blocks); raise kv_memory_gb")
-    if wanted > kv_cache.num_tokens:
-        log.warning("max_model_len lowered from %d to %d, what the KV cache holds", wanted,
-                    kv_cache.num_tokens)
-    return min(wanted, kv_cache.num_tokens)
+            f"max_model_len={config.max_model_len} does not fit: the KV cache holds {room} tokens "
+            f"({kv_cache.num_blocks} blocks, {reserved_blocks} kept for CUDA graphs); raise kv_memory_gb")
+    if wanted > room:
+        log.warning("max_model_len lowered from %d to %d, what the KV cache holds", wanted, room)
+    return min(wanted, room)
 
 
 def _generation_eos(path: Path) -> set[int]:

@@ -1,13 +1,13 @@
-"""The router's side of the hosts: one authenticated connection per prefill and decode host, kept
-open (and reopened when lost), replies sorted by request id, and host choice by outstanding work.
+"""The router's side of the hosts: one authenticated connection per prefill and decode host, kept open
+(and reopened when lost), replies sorted by request id, and host choice by outstanding work.
 
 A request: take the prefill host and the decode host with the fewest requests in flight from this
 router; send Generate to the decode host, naming the prefill host (with no prefill hosts given, the
-decode hosts are colocated replicas that prefill their own prompts: Generate names none). A refusal for lack of KV blocks
-moves on to the next decode host; when every one refuses, the request waits (bounded) until some
-request ends, then tries again; a permanent refusal or the wait running out is an error. Then
-tokens stream back from the decode host as RequestOutputs. A host counts as ready once its
-handshake and first status query succeed: hosts listen only when loaded and warm.
+decode hosts are colocated replicas that prefill their own prompts: Generate names none). A refusal
+for lack of KV blocks moves on to the next decode host; when every one refuses, the request waits
+(bounded) until some request ends, then tries again; a permanent refusal or the wait running out is
+an error. Then tokens stream back from the decode host as RequestOutputs. A host counts as ready
+once its handshake and first status query succeed: hosts listen only when loaded and warm.
 """
 
 from __future__ import annotations
@@ -183,8 +183,9 @@ class Cluster:
                 raise ServiceUnavailableError("no prefill or no decode host is connected")
             reasons = []
             for decode in decodes:
+                named = prefill.address if prefill else ""  # none: colocated replicas prefill themselves
                 reply, replies = await self._try(decode, prefill, Generate(req.request_id, req.prompt_token_ids,
-                                                                           sampling, prefill.address if prefill else ""))
+                                                                           sampling, named))
                 if reply.accepted:
                     return decode, prefill, replies
                 if not reply.retryable:

@@ -59,8 +59,9 @@ def _load_tile(payload_ptr, scales_ptr, rows, valid, d, dot_dtype: tl.constexpr,
         byte = tl.load(payload_ptr + rows[:, None] * PAYLOAD_DIM + half[None, :],
                        mask=valid[:, None] & (half < PAYLOAD_DIM)[None, :], other=0)
         x = tl.reshape(tl.join(byte & 0x0F, byte >> 4), (TILE, DIM_ROWS)).to(tl.float32)
-        step = _group_scales(scales_ptr, rows, valid, 0, TILE, DIM_ROWS, NUM_SCALES, GROUP)
-        low = _group_scales(scales_ptr, rows, valid, NUM_SCALES // 2, TILE, DIM_ROWS, NUM_SCALES, GROUP)
+        step = _group_scales(scales_ptr, rows, valid, 0, TILE, DIM_ROWS, NUM_SCALES, NUM_SCALES // 2, GROUP)
+        low = _group_scales(scales_ptr, rows, valid, NUM_SCALES // 2, TILE, DIM_ROWS, NUM_SCALES, NUM_SCALES // 2,
+                            GROUP)
         return tl.reshape(tl.reshape(x, (TILE, DIM_ROWS // GROUP, GROUP)) * step + low,
                           (TILE, DIM_ROWS)).to(dot_dtype)
     # No `other=`: a constant cannot be cast to float8, so masked rows are zeroed after the load.
@@ -68,7 +69,7 @@ def _load_tile(payload_ptr, scales_ptr, rows, valid, d, dot_dtype: tl.constexpr,
     x = tl.load(payload_ptr + rows[:, None] * PAYLOAD_DIM + d[None, :], mask=mask).to(dot_dtype)
     x = tl.where(mask, x, 0.0)
     if KIND == BLOCK_SCALED:
-        step = _group_scales(scales_ptr, rows, valid, 0, TILE, DIM_ROWS, NUM_SCALES, GROUP)
+        step = _group_scales(scales_ptr, rows, valid, 0, TILE, DIM_ROWS, NUM_SCALES, NUM_SCALES, GROUP)
         x = tl.reshape(tl.reshape(x.to(tl.float32), (TILE, DIM_ROWS // GROUP, GROUP)) * step,
                        (TILE, DIM_ROWS)).to(dot_dtype)
     return x
@@ -76,11 +77,12 @@ def _load_tile(payload_ptr, scales_ptr, rows, valid, d, dot_dtype: tl.constexpr,
 
 @triton.jit
 def _group_scales(scales_ptr, rows, valid, first, TILE: tl.constexpr, DIM_ROWS: tl.constexpr,
-                  NUM_SCALES: tl.constexpr, GROUP: tl.constexpr):
-    """(TILE, groups, 1) float32: scales[first + group] of each row, one load per group."""
+                  NUM_SCALES: tl.constexpr, NUM_GROUPS: tl.constexpr, GROUP: tl.constexpr):
+    """(TILE, groups, 1) float32: scales[first + group] of each row, one load per group (groups
+    past NUM_GROUPS, which only a padded head_dim has, read nothing)."""
     groups = tl.arange(0, DIM_ROWS // GROUP)
     at = rows[:, None] * NUM_SCALES + first + groups[None, :]
-    return tl.load(scales_ptr + at, mask=valid[:, None] & (groups < NUM_SCALES)[None, :], other=0
+    return tl.load(scales_ptr + at, mask=valid[:, None] & (groups < NUM_GROUPS)[None, :], other=0
                    ).to(tl.float32)[:, :, None]
 
 
@@ -122,12 +124,12 @@ def _attend_tile(tile_start, end, q, running_max, running_sum, acc, k_ptr, k_sca
 @triton.jit
 def _paged_decode_kernel(
         q_ptr, k_ptr, k_scales_ptr, v_ptr, v_scales_ptr, tables_ptr, seq_lens_ptr,
-        out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr, scale, table_stride,
+        out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr, scale, table_stride, num_splits,
         NUM_KV_HEADS: tl.constexpr, QUERIES_PER_KV: tl.constexpr, HEAD_DIM: tl.constexpr,
         PAYLOAD_DIM: tl.constexpr, NUM_SCALES: tl.constexpr, BLOCK_SIZE: tl.constexpr,
         KIND: tl.constexpr, GROUP: tl.constexpr, GROUP_ROWS: tl.constexpr, DIM_ROWS: tl.constexpr,
         TILE: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-        PARTITION: tl.constexpr, NUM_SPLITS: tl.constexpr, INTERPRETED: tl.constexpr):
+        PARTITION: tl.constexpr, IS_SPLIT: tl.constexpr, INTERPRETED: tl.constexpr):
     seq, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq).to(tl.int32)
     g = tl.arange(0, GROUP_ROWS)
@@ -160,12 +162,12 @@ def _paged_decode_kernel(
                 v_scales_ptr, tables_ptr, seq, kv_head, table_stride, d, NUM_KV_HEADS, HEAD_DIM,
                 PAYLOAD_DIM, NUM_SCALES, BLOCK_SIZE, KIND, GROUP, TILE, DOT_PRECISION)
 
-    if NUM_SPLITS == 1:
+    if not IS_SPLIT:
         out = acc / tl.where(running_sum > 0, running_sum, 1.0)[:, None]
         tl.store(out_ptr + q_rows[:, None] * HEAD_DIM + d[None, :], out.to(out_ptr.dtype.element_ty),
                  mask=q_mask)
     else:
-        part = q_rows * NUM_SPLITS + split  # partials laid out (num_seqs, heads, splits)
+        part = q_rows * num_splits + split  # partials laid out (num_seqs, heads, splits)
         head_ok = g < QUERIES_PER_KV
         tl.store(part_acc_ptr + part[:, None] * HEAD_DIM + d[None, :], acc, mask=q_mask)
         tl.store(part_max_ptr + part, running_max, mask=head_ok)
@@ -174,20 +176,20 @@ def _paged_decode_kernel(
 
 @triton.jit
 def _merge_splits_kernel(out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr,
-                         HEAD_DIM: tl.constexpr, DIM_ROWS: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                         num_splits, HEAD_DIM: tl.constexpr, DIM_ROWS: tl.constexpr,
                          SPLIT_ROWS: tl.constexpr):
     """out[row] = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s over one (seq, head) row's splits."""
     row = tl.program_id(0)
     s = tl.arange(0, SPLIT_ROWS)
     d = tl.arange(0, DIM_ROWS)
     d_ok = d < HEAD_DIM
-    s_ok = s < NUM_SPLITS
-    maxes = tl.load(part_max_ptr + row * NUM_SPLITS + s, mask=s_ok, other=float("-inf"))
+    s_ok = s < num_splits
+    maxes = tl.load(part_max_ptr + row * num_splits + s, mask=s_ok, other=float("-inf"))
     top = tl.max(maxes, axis=0)
     top = tl.where(top == float("-inf"), 0.0, top)  # an empty sequence: every weight is 0
     weight = tl.exp(maxes - top)
-    sums = tl.load(part_sum_ptr + row * NUM_SPLITS + s, mask=s_ok, other=0)
-    acc = tl.load(part_acc_ptr + (row * NUM_SPLITS + s)[:, None] * HEAD_DIM + d[None, :],
+    sums = tl.load(part_sum_ptr + row * num_splits + s, mask=s_ok, other=0)
+    acc = tl.load(part_acc_ptr + (row * num_splits + s)[:, None] * HEAD_DIM + d[None, :],
                   mask=s_ok[:, None] & d_ok[None, :], other=0)
     total = tl.sum(weight * sums, axis=0)
     out = tl.sum(weight[:, None] * acc, axis=0) / tl.where(total > 0, total, 1.0)
@@ -299,18 +301,20 @@ def paged_decode_attention(q: torch.Tensor, cache: LayerKV, block_tables: torch.
     triton_launch(
         _paged_decode_kernel, (num_seqs, num_kv_heads, num_splits),
         q, cache.k, cache.k_scales, cache.v, cache.v_scales, tables, seq_lens,
-        out, part_acc, part_max, part_sum, scale, tables.stride(0),
+        out, part_acc, part_max, part_sum, scale, tables.stride(0), num_splits,
         NUM_KV_HEADS=num_kv_heads, QUERIES_PER_KV=num_heads // num_kv_heads, HEAD_DIM=head_dim,
         PAYLOAD_DIM=payload_dim, NUM_SCALES=cache.k_scales.shape[-1], BLOCK_SIZE=block_size,
-        KIND=kind, GROUP=group, GROUP_ROWS=max(MIN_GROUP_ROWS, triton.next_power_of_2(num_heads // num_kv_heads)),
-        DIM_ROWS=dim_rows, TILE=TOKENS_PER_TILE, PARTITION=partition, NUM_SPLITS=num_splits,
+        KIND=kind, GROUP=group,
+        GROUP_ROWS=max(MIN_GROUP_ROWS, triton.next_power_of_2(num_heads // num_kv_heads)),
+        # the split count is a runtime argument: as sequences grow the kernel is not recompiled
+        DIM_ROWS=dim_rows, TILE=TOKENS_PER_TILE, PARTITION=partition, IS_SPLIT=num_splits > 1,
         # float32 models (the tests' reference runs) get full-precision dots, not TF32
         DOT_DTYPE=_dot_dtype(q.dtype, kind), DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         INTERPRETED=os.environ.get("TRITON_INTERPRET") == "1", num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     if num_splits > 1:
         triton_launch(
-            _merge_splits_kernel, (num_seqs * num_heads,), out, part_acc, part_max, part_sum, HEAD_DIM=head_dim, DIM_ROWS=dim_rows, NUM_SPLITS=num_splits,
-            SPLIT_ROWS=triton.next_power_of_2(num_splits))
+            _merge_splits_kernel, (num_seqs * num_heads,), out, part_acc, part_max, part_sum, num_splits,
+            HEAD_DIM=head_dim, DIM_ROWS=dim_rows, SPLIT_ROWS=triton.next_power_of_2(num_splits))
     return out
 
 

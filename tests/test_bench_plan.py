@@ -6,6 +6,7 @@ from hma.bench.hardware import ACCELERATORS
 from hma.bench.plan import H100_CALIBRATION, Plan, build, calibrate, main, num_params
 from hma.bench.speed import prefill_flops
 from hma.config import qwen3_shape
+from hma.errors import InvalidRequestError
 
 H100 = ACCELERATORS["H100"]
 LINK = 100e9 / 8
@@ -39,13 +40,14 @@ def test_a_plan_whose_weights_do_not_fit_says_so():
     assert isinstance(reason, str) and "do not fit" in reason
 
 
-def test_pipelining_leaves_only_the_last_layers_share_of_the_transfer():
+def test_a_plans_transfer_is_its_kv_bytes_over_the_link_and_colocated_moves_none():
     model = qwen3_shape("qwen3-8b")
     l40s = ACCELERATORS["L40S"]
     piped = build(Plan("p", H100, 1, l40s, 1, "fp8", "fp8", True), model, H100_CALIBRATION, LINK)
-    whole = build(Plan("w", H100, 1, l40s, 1, "fp8", "fp8", False), model, H100_CALIBRATION, LINK)
     colocated = build(Plan("c", H100, 1), model, H100_CALIBRATION, LINK)
-    assert whole.transfer_s(2048) == pytest.approx(piped.transfer_s(2048) * model.num_hidden_layers)
+    fp8_bytes_per_token = 2 * 36 * 8 * (128 + 2)  # K and V, 36 layers, 8 KV heads, payload + scale
+    assert piped.transfer_s(2048) == pytest.approx(fp8_bytes_per_token * 2048 / LINK)
+    assert piped.pipelined and piped.num_layers == 36
     assert colocated.transfer_s(2048) == 0.0
     # a decode step reads every weight once plus the running tokens' KV
     assert colocated.decode_s([1000, 3000]) > colocated.decode_s([1000])
@@ -69,3 +71,9 @@ def test_every_card_names_its_sources_and_gives_dense_rates_or_none():
         assert card.dollars_per_hour is None or card.dollars_per_hour > 0
     assert ACCELERATORS["L40S"].fp8_flops == 733e12  # dense, not the 1,466 with 2:4 sparsity
 
+
+
+def test_calibration_refuses_a_run_with_a_cut_layer_count():
+    speed = {**_speed_json(0.002, 0.8, 0.02, 0.6), "num_layers": 2}
+    with pytest.raises(InvalidRequestError, match="num-layers"):
+        calibrate(speed, H100)

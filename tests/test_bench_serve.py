@@ -10,6 +10,7 @@ from hma.bench.traces import TraceRequest
 from hma.launch import free_port
 
 MAX_PROMPT = 50
+BROKEN = 33  # a prompt this long gets a stream that is not JSON
 CHUNK_GAP_S = 0.02
 
 
@@ -19,6 +20,9 @@ async def _completions(request: web.Request) -> web.StreamResponse:
         return web.json_response({"error": {"message": "prompt too long", "type": "BadRequestError"}}, status=400)
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
     await response.prepare(request)
+    if len(body["prompt"]) == BROKEN:
+        await response.write(b"data: {not json\n\n")
+        return response
     for i in range(body["max_tokens"]):
         await asyncio.sleep(CHUNK_GAP_S)
         await response.write(f'data: {json.dumps({"choices": [{"text": f"t{i}"}]})}\n\n'.encode())
@@ -36,11 +40,13 @@ async def test_replay_records_each_chunk_and_reports_failures_without_stopping()
     port = free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()
     try:
-        requests = [TraceRequest(0.0, 10, 4), TraceRequest(0.05, 60, 3), TraceRequest(0.1, 20, 1)]
+        requests = [TraceRequest(0.0, 10, 4), TraceRequest(0.05, 60, 3), TraceRequest(0.1, 20, 1),
+                    TraceRequest(0.1, BROKEN, 2)]
         records, duration = await replay(f"http://127.0.0.1:{port}/v1/completions", "m", requests, progress=False)
     finally:
         await runner.cleanup()
-    first, too_long, single = records
+    first, too_long, single, broken = records
+    assert not broken.ok and "JSONDecodeError" in broken.error
     assert first.ok and first.output_len == 4 and len(first.chunk_times) == 4
     assert first.ttft >= CHUNK_GAP_S and first.tpot >= CHUNK_GAP_S * 0.9
     assert not too_long.ok and "HTTP 400" in too_long.error

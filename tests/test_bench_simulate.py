@@ -33,8 +33,9 @@ def test_a_saturated_prefill_queue_serves_prompts_one_batch_after_another():
 def test_prompts_that_arrive_while_the_device_is_busy_share_the_next_batch():
     requests = [TraceRequest(0.0, 100, 2), TraceRequest(0.1, 100, 2), TraceRequest(0.1, 100, 2)]
     records = simulate(requests, _disaggregated(max_batch_tokens=300))
-    # the first runs alone (0 - 0.2 s); the two that came at 0.1 s run together (0.2 - 0.5 s)
-    assert [r.ttft for r in records] == pytest.approx([0.25, 0.45, 0.45])
+    # the first runs alone (0 - 0.2 s); the two that came at 0.1 s run together (0.2 - 0.5 s),
+    # and their two transfers share the link after that
+    assert [r.ttft for r in records] == pytest.approx([0.25, 0.5 + 0.1 - 0.1, 0.5 + 0.1 - 0.1])
 
 
 def test_decode_kv_capacity_holds_a_request_back_until_another_finishes():
@@ -69,3 +70,21 @@ def test_more_prefill_devices_raise_slo_attainment_under_load():
     many = attainment(simulate(requests, Deployment(num_prefill=12, num_decode=1, prefill_s=PREFILL, decode_s=DECODE,
                                                     transfer_s=TRANSFER, max_batch_tokens=400)), slo)
     assert one < 0.2 and many == 1.0
+
+
+def test_pipelining_hides_all_but_the_last_layers_share_of_the_transfer():
+    request = [TraceRequest(0.0, 100, 2)]
+    slow_link = lambda prompt_len: 0.15  # noqa: E731  less than the prefill's 0.2 s
+    piped = simulate(request, Deployment(1, 1, PREFILL, DECODE, slow_link, pipelined=True, num_layers=10))
+    whole = simulate(request, Deployment(1, 1, PREFILL, DECODE, slow_link, pipelined=False, num_layers=10))
+    assert piped[0].ttft == pytest.approx(0.2 + 0.015)
+    assert whole[0].ttft == pytest.approx(0.2 + 0.15)
+
+
+def test_a_request_whose_kv_landed_first_joins_decode_first():
+    # A finishes prefill first but its KV crawls; B, prefilled later on another device, lands first
+    requests = [TraceRequest(0.0, 100, 3), TraceRequest(0.0, 150, 3)]
+    transfer = lambda prompt_len: 1.0 if prompt_len == 100 else 0.0  # noqa: E731
+    a, b = simulate(requests, Deployment(2, 1, PREFILL, DECODE, transfer, pipelined=False))
+    assert (a.ttft, b.ttft) == pytest.approx((1.2, 0.25))
+    assert b.chunk_times[1] == pytest.approx(0.27)  # not held behind A, which lands at 1.2 s

@@ -82,3 +82,14 @@ def test_graph_runner_declines_what_no_graph_fits():
     assert runner.can_run([one, one])
     assert not runner.can_run([one, one, one])
     assert not runner.can_run([SeqChunk([1], 16, [0, 1, 2, 3, 4])])
+
+
+def test_the_padding_block_is_left_out_of_max_model_len():
+    from hma.config import EngineConfig
+    from hma.engine import _max_model_len
+
+    runner = _graph_runner()  # 32 blocks of 4 tokens
+    config = EngineConfig(device="cpu", block_size=4)
+    model_config = runner.model.config
+    assert _max_model_len(config, model_config, runner.kv_cache) == 128
+    assert _max_model_len(config, model_config, runner.kv_cache, reserved_blocks=1) == 124

@@ -107,7 +107,8 @@ def summarize(records: list[RequestRecord], duration_s: float, slo: SLO | None =
 
 
 async def search_goodput(attainment_at: Callable[[float], Awaitable[float]], low: float, high: float,
-                         iterations: int = 6, target: float = TARGET_ATTAINMENT) -> tuple[float, list[tuple[float, float]]]:
+                         iterations: int = 6,
+                         target: float = TARGET_ATTAINMENT) -> tuple[float, list[tuple[float, float]]]:
     """The highest rate in [low, high] whose attainment is at least `target`, by bisection on a log
     scale (it assumes attainment falls as the rate rises), and every (rate, attainment) tried.
     0.0 if even `low` misses."""

@@ -3,8 +3,8 @@
 `python -m hma plan --model qwen3-8b --trace azure-conv --slo-ttft-ms 250 --slo-tpot-ms 100`
 Step costs are rooflines scaled by efficiencies measured on a real GPU: a decode step takes
 overhead + (weights + KV of every running token) / (bandwidth x efficiency); a prefill batch
-takes overhead + FLOPs / (peak x efficiency), per precision; the KV tail after prefill is one
-layer's share of the transfer when pipelined (the whole transfer when not) over --link-gbps.
+takes overhead + FLOPs / (peak x efficiency), per precision; KV crosses each prefill card's
+--link-gbps link batch after batch (pipelined or not: the simulator's model).
 The efficiencies and overheads come from `python -m hma bench speed` on an H100 (--calibration
 refits them from its JSON) and are assumed to carry over to the other cards: a hypothesis,
 checked only where a measured run exists. Each deployment replays the same trace through the
@@ -29,6 +29,7 @@ from hma.bench.simulate import Deployment, simulate
 from hma.bench.speed import prefill_flops
 from hma.bench.traces import TraceRequest, clip, read_trace, scale_to_rate, trace_path
 from hma.config import QWEN3_SHAPES, ModelConfig, qwen3_shape
+from hma.errors import InvalidRequestError
 from hma.kv_formats import get_kv_format
 
 MEMORY_USABLE = 0.9  # share of a card's memory for weights and KV (the rest: activations, graphs)
@@ -59,6 +60,9 @@ def _fit(points: list[tuple[float, float]]) -> tuple[float, float]:
 
 def calibrate(speed: dict, device: Accelerator) -> Calibration:
     """Overheads and efficiencies from a `bench speed` JSON measured on `device`."""
+    if speed.get("num_layers"):
+        raise InvalidRequestError("this bench speed run cut the layer count (--num-layers): its timings "
+                                  "are not the named shapes'; calibrate from a full run")
     decode, prefill = {}, {}
     for kv in {r["kv_dtype"] for s in speed["shapes"] for r in s["decode"]}:
         points = [(r["weight_bytes"] + r["kv_bytes"], r["step_s"]) for s in speed["shapes"]
@@ -129,18 +133,11 @@ def build(plan: Plan, model: ModelConfig, cal: Calibration, link_bytes_per_s: fl
         return d_over + (weight_read + kv_per_token * sum(contexts)) / (plan.decode.bandwidth * d_eff)
 
     def transfer_s(prompt_len: int) -> float:
-        if plan.prefill is None:
-            return 0.0
-        total = kv_per_token * prompt_len / link_bytes_per_s
-        if not plan.pipeline:
-            return total
-        # pipelined: layers travel while later ones compute; what is left is the last layer's
-        # share, plus whatever the link could not keep up with
-        return total / model.num_hidden_layers + max(0.0, total - prefill_s([prompt_len]))
+        return kv_per_token * prompt_len / link_bytes_per_s if plan.prefill else 0.0
 
     return Deployment(num_prefill=plan.num_prefill if plan.prefill else 0, num_decode=plan.num_decode,
-                      prefill_s=prefill_s, decode_s=decode_s, transfer_s=transfer_s,
-                      kv_capacity_tokens=int(kv_room // kv_per_token))
+                      prefill_s=prefill_s, decode_s=decode_s, transfer_s=transfer_s, pipelined=plan.pipeline,
+                      num_layers=model.num_hidden_layers, kv_capacity_tokens=int(kv_room // kv_per_token))
 
 
 def model_name(model: ModelConfig) -> str:

@@ -48,8 +48,8 @@ async def send(session: aiohttp.ClientSession, url: str, model: str, request: Tr
                 return record
             async for raw in response.content:
                 _read_event(raw.decode().strip(), record)
-    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-        record.error = f"{type(exc).__name__}: {exc}"
+    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError, AttributeError, TypeError) as exc:
+        record.error = f"{type(exc).__name__}: {exc}"  # a broken stream (bad JSON, odd shapes) too
     if not record.error and record.output_len != request.output_len:
         record.error = f"asked for {request.output_len} tokens, got {record.output_len}"
     return record
@@ -60,10 +60,11 @@ def _read_event(line: str, record: RequestRecord) -> None:
         return
     event = json.loads(line.removeprefix("data: "))
     if "error" in event:
-        record.error = event["error"].get("message", "error event")
+        error = event["error"]
+        record.error = error.get("message", "error event") if isinstance(error, dict) else str(error)
     elif event.get("usage"):
         record.output_len = event["usage"]["completion_tokens"]
-    elif event.get("choices") and event["choices"][0].get("text"):
+    elif event.get("choices"):  # every chunk counts, text or not, as vLLM's bench serve counts them
         record.chunk_times.append(time.perf_counter())
 
 

@@ -5,9 +5,13 @@ replicas, each with step costs as plain functions of the batch (calibrated elsew
 goodput.RequestRecord per request, so the load generator's metrics and goodput apply unchanged.
 The model of the system, kept as small as the real one:
 - disaggregated: one FIFO queue of prompts; a free prefill device takes the oldest prompts that fit
-  its token budget as one batch; the first token exists when the batch ends and reaches the client
-  once the KV has landed (transfer_s after the batch: the pipelined tail, or the whole transfer);
-  the request then joins the decode device with the fewest requests, whose KV capacity it must fit.
+  its token budget as one batch; each prefill device has one link, which carries its batches' KV
+  one batch after another (pipelined: from the batch's start, the last layer after its end; else
+  after its end); the first token reaches the client when the batch's KV has landed; the request
+  then joins the decode device with the fewest requests, in landing order, when its KV fits.
+- simplifications, against the real hosts: KV capacity is checked when a request joins decode,
+  not reserved before its prefill (a wait for room shows up in TPOT, not TTFT); colocated steps are
+  prefill-only or decode-only (the engine mixes them), and colocated prefills ignore capacity.
 - colocated: requests go to the replica with the fewest requests; a replica's step is a prefill
   batch when prompts wait (its first tokens come out at the step's end), otherwise a decode step.
 - a decode step advances every running request by one token; requests join between steps.
@@ -33,7 +37,9 @@ class Deployment:
     num_decode: int
     prefill_s: Callable[[list[int]], float]            # prompt lengths of a batch -> seconds
     decode_s: Callable[[list[int]], float]             # context lengths of the running batch -> seconds
-    transfer_s: Callable[[int], float] = lambda prompt_len: 0.0  # batch end -> KV landed on decode
+    transfer_s: Callable[[int], float] = lambda prompt_len: 0.0  # one prompt's KV over the link, alone
+    pipelined: bool = True
+    num_layers: int = 1
     max_batch_tokens: int = 8192
     max_num_seqs: int = 256
     kv_capacity_tokens: int = 1 << 40                  # per decode device (or replica)
@@ -51,7 +57,7 @@ class _Decoder:
     """One decode device (or colocated replica): what runs, what waits to join, whether it is mid-step."""
 
     running: list[_Running] = field(default_factory=list)
-    joining: deque = field(default_factory=deque)      # (_Running, ready_at)
+    joining: list = field(default_factory=list)        # heap of (ready_at, order, _Running)
     prompts: deque = field(default_factory=deque)      # colocated only: (TraceRequest, record)
     stepping: bool = False
 
@@ -72,6 +78,7 @@ class Simulation:
         self.order = itertools.count()
         self.prompts: deque = deque()  # disaggregated prefill queue: (TraceRequest, record)
         self.prefill_busy = [False] * deployment.num_prefill
+        self.link_free = [0.0] * deployment.num_prefill  # when each prefill device's link is idle
         self.decoders = [_Decoder() for _ in range(deployment.num_decode)]
 
     def at(self, time: float, action: Callable[[float], None]) -> None:
@@ -111,18 +118,28 @@ class Simulation:
                 batch = self._take_batch(self.prompts)
                 self.prefill_busy[i] = True
                 end = now + self.d.prefill_s([q.prompt_len for q, _ in batch])
-                self.at(end, lambda t, i=i, b=batch: self._prefill_done(i, b, t))
+                self.at(end, lambda t, i=i, b=batch, start=now: self._prefill_done(i, b, start, t))
 
-    def _prefill_done(self, device: int, batch: list, now: float) -> None:
+    def _prefill_done(self, device: int, batch: list, start: float, now: float) -> None:
         self.prefill_busy[device] = False
+        landed = self._transfer(device, batch, start, now)
         for request, record in batch:
-            landed = now + self.d.transfer_s(request.prompt_len)
             record.chunk_times.append(landed)  # the decode host sends the first token once KV lands
             record.output_len = 1
             decoder = min(self.decoders, key=lambda dec: dec.load)
-            decoder.joining.append((_Running(record, request.prompt_len + 1, request.output_len - 1), landed))
+            joiner = _Running(record, request.prompt_len + 1, request.output_len - 1)
+            heapq.heappush(decoder.joining, (landed, next(self.order), joiner))
             self.at(landed, lambda t, dec=decoder: self._step(dec, t))
         self._start_prefills(now)
+
+    def _transfer(self, device: int, batch: list, start: float, end: float) -> float:
+        """When the batch's KV has all landed: its transfers share the device's link, one batch
+        after another; pipelined, they may start with the batch but the last layer leaves at its end."""
+        total = sum(self.d.transfer_s(q.prompt_len) for q, _ in batch)
+        begin = max(start if self.d.pipelined else end, self.link_free[device])
+        landed = max(begin + total, end + total / self.d.num_layers) if self.d.pipelined else begin + total
+        self.link_free[device] = landed
+        return landed
 
     def _step(self, dec: _Decoder, now: float) -> None:
         """Starts dec's next step if it is idle and has work."""
@@ -145,11 +162,11 @@ class Simulation:
 
     def _admit(self, dec: _Decoder, now: float) -> None:
         """Moves landed requests into the running batch while KV capacity and max_num_seqs allow."""
-        while dec.joining and dec.joining[0][1] <= now and len(dec.running) < self.d.max_num_seqs:
-            joiner = dec.joining[0][0]
+        while dec.joining and dec.joining[0][0] <= now and len(dec.running) < self.d.max_num_seqs:
+            joiner = dec.joining[0][2]
             if dec.running and dec.used_tokens() + joiner.context_len + joiner.remaining > self.d.kv_capacity_tokens:
                 break
-            dec.joining.popleft()
+            heapq.heappop(dec.joining)
             dec.running.append(joiner)
 
     def _colocated_prefill_done(self, dec: _Decoder, batch: list, now: float) -> None:
@@ -157,7 +174,8 @@ class Simulation:
         for request, record in batch:
             record.chunk_times.append(now)
             record.output_len = 1
-            dec.joining.append((_Running(record, request.prompt_len + 1, request.output_len - 1), now))
+            joiner = _Running(record, request.prompt_len + 1, request.output_len - 1)
+            heapq.heappush(dec.joining, (now, next(self.order), joiner))
         self._step(dec, now)
 
     def _decode_done(self, dec: _Decoder, now: float) -> None:

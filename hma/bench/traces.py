@@ -48,6 +48,8 @@ def read_trace(path: Path) -> list[TraceRequest]:
                 for r in map(json.loads, path.open())]
     else:
         raise InvalidRequestError(f"{path.name}: traces are Azure .csv or Mooncake .jsonl files")
+    if not rows:
+        raise InvalidRequestError(f"{path.name} holds no requests")
     rows.sort()
     start = rows[0][0]
     return [TraceRequest(t - start, p, o) for t, p, o in rows]
@@ -61,9 +63,9 @@ def _azure_time(text: str) -> float:
 
 def scale_to_rate(requests: list[TraceRequest], rate: float) -> list[TraceRequest]:
     """The same requests with arrival gaps stretched or squeezed so they arrive at `rate` per second."""
-    span = requests[-1].arrival_s
-    if len(requests) < 2 or span == 0:
+    if len(requests) < 2 or requests[-1].arrival_s == 0:
         return requests
+    span = requests[-1].arrival_s
     factor = (len(requests) - 1) / span / rate
     return [replace(r, arrival_s=r.arrival_s * factor) for r in requests]
 
