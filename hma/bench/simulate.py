@@ -7,11 +7,11 @@ The model of the system, kept as small as the real one:
 - disaggregated: one FIFO queue of prompts; a free prefill device takes the oldest prompts that fit
   its token budget as one batch; each prefill device has one link, which carries its batches' KV
   one batch after another (pipelined: from the batch's start, the last layer after its end; else
-  after its end); the first token reaches the client when the batch's KV has landed; the request
-  then joins the decode device with the fewest requests, in landing order, when its KV fits.
-- simplifications, against the real hosts: KV capacity is checked when a request joins decode,
-  not reserved before its prefill (a wait for room shows up in TPOT, not TTFT); colocated steps are
-  prefill-only or decode-only (the engine mixes them), and colocated prefills ignore capacity.
+  after its end); the first token reaches the client when the batch's KV has landed. As the real
+  decode host does, a prompt reserves its KV room (prompt + output tokens) on the decode device with
+  the fewest requests before its prefill starts; with no room anywhere it waits at the queue's head.
+- simplifications, against the real hosts: colocated steps are prefill-only or decode-only (the
+  engine mixes them), and colocated prefills ignore KV capacity.
 - colocated: requests go to the replica with the fewest requests; a replica's step is a prefill
   batch when prompts wait (its first tokens come out at the step's end), otherwise a decode step.
 - a decode step advances every running request by one token; requests join between steps.
@@ -50,6 +50,7 @@ class _Running:
     record: RequestRecord
     context_len: int
     remaining: int  # tokens still to produce
+    reserved: int = 0  # KV tokens held on its decode device until it finishes (disaggregated)
 
 
 @dataclass(slots=True)
@@ -60,10 +61,12 @@ class _Decoder:
     joining: list = field(default_factory=list)        # heap of (ready_at, order, _Running)
     prompts: deque = field(default_factory=deque)      # colocated only: (TraceRequest, record)
     stepping: bool = False
+    reserved: int = 0        # KV tokens promised to requests placed here (disaggregated)
+    in_prefill: int = 0      # requests placed here whose prefill has not landed yet
 
     @property
     def load(self) -> int:
-        return len(self.running) + len(self.joining) + len(self.prompts)
+        return len(self.running) + len(self.joining) + len(self.prompts) + self.in_prefill
 
     def used_tokens(self) -> int:
         return sum(r.context_len + r.remaining for r in self.running)
@@ -114,20 +117,45 @@ class Simulation:
 
     def _start_prefills(self, now: float) -> None:
         for i in range(self.d.num_prefill):
-            if not self.prefill_busy[i] and self.prompts:
-                batch = self._take_batch(self.prompts)
-                self.prefill_busy[i] = True
-                end = now + self.d.prefill_s([q.prompt_len for q, _ in batch])
-                self.at(end, lambda t, i=i, b=batch, start=now: self._prefill_done(i, b, start, t))
+            if self.prefill_busy[i]:
+                continue
+            batch = self._take_placed_batch()
+            if not batch:
+                return
+            self.prefill_busy[i] = True
+            end = now + self.d.prefill_s([q.prompt_len for q, _, _ in batch])
+            self.at(end, lambda t, i=i, b=batch, start=now: self._prefill_done(i, b, start, t))
+
+    def _take_placed_batch(self) -> list:
+        """The oldest prompts that fit the token budget, each with the decode device that reserved
+        its KV room; stops at the first prompt no device has room for."""
+        batch, tokens = [], 0
+        while self.prompts and len(batch) < self.d.max_num_seqs:
+            request, record = self.prompts[0]
+            if batch and tokens + request.prompt_len > self.d.max_batch_tokens:
+                break
+            need = request.prompt_len + request.output_len
+            room = [dec for dec in self.decoders
+                    if dec.reserved == 0 or dec.reserved + need <= self.d.kv_capacity_tokens]
+            if not room:
+                break
+            decoder = min(room, key=lambda dec: dec.load)
+            decoder.reserved += need
+            decoder.in_prefill += 1
+            self.prompts.popleft()
+            batch.append((request, record, decoder))
+            tokens += request.prompt_len
+        return batch
 
     def _prefill_done(self, device: int, batch: list, start: float, now: float) -> None:
         self.prefill_busy[device] = False
         landed = self._transfer(device, batch, start, now)
-        for request, record in batch:
+        for request, record, decoder in batch:
             record.chunk_times.append(landed)  # the decode host sends the first token once KV lands
             record.output_len = 1
-            decoder = min(self.decoders, key=lambda dec: dec.load)
-            joiner = _Running(record, request.prompt_len + 1, request.output_len - 1)
+            decoder.in_prefill -= 1
+            joiner = _Running(record, request.prompt_len + 1, request.output_len - 1,
+                              reserved=request.prompt_len + request.output_len)
             heapq.heappush(decoder.joining, (landed, next(self.order), joiner))
             self.at(landed, lambda t, dec=decoder: self._step(dec, t))
         self._start_prefills(now)
@@ -135,7 +163,7 @@ class Simulation:
     def _transfer(self, device: int, batch: list, start: float, end: float) -> float:
         """When the batch's KV has all landed: its transfers share the device's link, one batch
         after another; pipelined, they may start with the batch but the last layer leaves at its end."""
-        total = sum(self.d.transfer_s(q.prompt_len) for q, _ in batch)
+        total = sum(self.d.transfer_s(q.prompt_len) for q, *_ in batch)
         begin = max(start if self.d.pipelined else end, self.link_free[device])
         landed = max(begin + total, end + total / self.d.num_layers) if self.d.pipelined else begin + total
         self.link_free[device] = landed
@@ -151,20 +179,31 @@ class Simulation:
             end = now + self.d.prefill_s([q.prompt_len for q, _ in batch])
             self.at(end, lambda t: self._colocated_prefill_done(dec, batch, t))
             return
-        dec.running = [r for r in dec.running if r.remaining > 0]  # finished ones free their KV first
+        self._release_finished(dec, now)  # finished ones free their KV first
         self._admit(dec, now)
-        dec.running = [r for r in dec.running if r.remaining > 0]  # one-token requests need no step
+        self._release_finished(dec, now)  # one-token requests need no step
         if not dec.running:
             return
         dec.stepping = True
         end = now + self.d.decode_s([r.context_len for r in dec.running])
         self.at(end, lambda t: self._decode_done(dec, t))
 
+    def _release_finished(self, dec: _Decoder, now: float) -> None:
+        done = [r for r in dec.running if r.remaining <= 0]
+        if not done:
+            return
+        dec.running = [r for r in dec.running if r.remaining > 0]
+        dec.reserved -= sum(r.reserved for r in done)
+        if any(r.reserved for r in done) and self.prompts:
+            self._start_prefills(now)  # a prompt may have been waiting for this room
+
     def _admit(self, dec: _Decoder, now: float) -> None:
-        """Moves landed requests into the running batch while KV capacity and max_num_seqs allow."""
+        """Moves landed requests into the running batch while max_num_seqs allows (and, colocated,
+        KV capacity: disaggregated requests reserved theirs before prefill)."""
         while dec.joining and dec.joining[0][0] <= now and len(dec.running) < self.d.max_num_seqs:
             joiner = dec.joining[0][2]
-            if dec.running and dec.used_tokens() + joiner.context_len + joiner.remaining > self.d.kv_capacity_tokens:
+            room = dec.used_tokens() + joiner.context_len + joiner.remaining <= self.d.kv_capacity_tokens
+            if dec.running and not joiner.reserved and not room:
                 break
             heapq.heappop(dec.joining)
             dec.running.append(joiner)
