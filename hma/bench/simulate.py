@@ -10,10 +10,11 @@ The model of the system, kept as small as the real one:
   after its end); the first token reaches the client when the batch's KV has landed. As the real
   decode host does, a prompt reserves its KV room (prompt + output tokens) on the decode device with
   the fewest requests before its prefill starts; with no room anywhere it waits at the queue's head.
-- simplifications, against the real hosts: colocated steps are prefill-only or decode-only (the
-  engine mixes them), and colocated prefills ignore KV capacity.
-- colocated: requests go to the replica with the fewest requests; a replica's step is a prefill
-  batch when prompts wait (its first tokens come out at the step's end), otherwise a decode step.
+- simplification, against the real engine: colocated prompts are admitted without a KV check.
+- colocated: requests go to the replica with the fewest requests; as the engine does, a replica's
+  step takes the waiting prompts that fit the token budget (less one token per running request)
+  together with one token for every running request; it costs the prefill plus the decodes' KV
+  reads (the weights are read once), and every token in it comes out at its end.
 - a decode step advances every running request by one token; requests join between steps.
 """
 
@@ -105,11 +106,11 @@ class Simulation:
             replica.prompts.append((request, record))
             self._step(replica, now)
 
-    def _take_batch(self, queue: deque) -> list:
+    def _take_batch(self, queue: deque, budget: int) -> list:
         batch, tokens = [], 0
         while queue and len(batch) < self.d.max_num_seqs:
             request, _ = queue[0]
-            if batch and tokens + request.prompt_len > self.d.max_batch_tokens:
+            if batch and tokens + request.prompt_len > budget:
                 break
             batch.append(queue.popleft())
             tokens += request.prompt_len
@@ -170,23 +171,25 @@ class Simulation:
         return landed
 
     def _step(self, dec: _Decoder, now: float) -> None:
-        """Starts dec's next step if it is idle and has work."""
+        """Starts dec's next step (decodes, plus waiting prompts on a colocated replica) if it is
+        idle and has work."""
         if dec.stepping:
-            return
-        if dec.prompts:  # colocated: prompts first
-            batch = self._take_batch(dec.prompts)
-            dec.stepping = True
-            end = now + self.d.prefill_s([q.prompt_len for q, _ in batch])
-            self.at(end, lambda t: self._colocated_prefill_done(dec, batch, t))
             return
         self._release_finished(dec, now)  # finished ones free their KV first
         self._admit(dec, now)
         self._release_finished(dec, now)  # one-token requests need no step
-        if not dec.running:
+        prompts = self._take_batch(dec.prompts, self.d.max_batch_tokens - len(dec.running))
+        if not prompts and not dec.running:
             return
+        contexts = [r.context_len for r in dec.running]
+        if prompts:
+            seconds = self.d.prefill_s([q.prompt_len for q, _ in prompts])
+            if contexts:
+                seconds += self.d.decode_s(contexts) - self.d.decode_s([])
+        else:
+            seconds = self.d.decode_s(contexts)
         dec.stepping = True
-        end = now + self.d.decode_s([r.context_len for r in dec.running])
-        self.at(end, lambda t: self._decode_done(dec, t))
+        self.at(now + seconds, lambda t: self._step_done(dec, prompts, t))
 
     def _release_finished(self, dec: _Decoder, now: float) -> None:
         done = [r for r in dec.running if r.remaining <= 0]
@@ -208,22 +211,18 @@ class Simulation:
             heapq.heappop(dec.joining)
             dec.running.append(joiner)
 
-    def _colocated_prefill_done(self, dec: _Decoder, batch: list, now: float) -> None:
-        dec.stepping = False
-        for request, record in batch:
-            record.chunk_times.append(now)
-            record.output_len = 1
-            joiner = _Running(record, request.prompt_len + 1, request.output_len - 1)
-            heapq.heappush(dec.joining, (now, next(self.order), joiner))
-        self._step(dec, now)
-
-    def _decode_done(self, dec: _Decoder, now: float) -> None:
+    def _step_done(self, dec: _Decoder, prompts: list, now: float) -> None:
         dec.stepping = False
         for r in dec.running:
             r.record.chunk_times.append(now)
             r.record.output_len += 1
             r.context_len += 1
             r.remaining -= 1
+        for request, record in prompts:  # colocated: their first token, then they decode here
+            record.chunk_times.append(now)
+            record.output_len = 1
+            joiner = _Running(record, request.prompt_len + 1, request.output_len - 1)
+            heapq.heappush(dec.joining, (now, next(self.order), joiner))
         self._step(dec, now)
 
 
