@@ -13,6 +13,7 @@ never waits. Invariant: a batch's blocks are freed only after every copy out of 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import queue
 import threading
@@ -283,7 +284,8 @@ def warm_up(server: PrefillServer) -> None:
 async def serve_prefill(engine_config: EngineConfig, host_config: HostConfig) -> None:
     """The prefill host's main: load, warm up, then serve decode hosts until stopped."""
     secret = resolve_secret(host_config.secret)
-    engine, hello = load_engine(engine_config, "prefill")
+    # A prefill host never runs a decode step: no CUDA graphs (and no block kept for their padding).
+    engine, hello = load_engine(dataclasses.replace(engine_config, enforce_eager=True), "prefill")
     server = PrefillServer(engine, host_config.pipeline)
     with phase("warm-up"):
         warm_up(server)
