@@ -16,7 +16,7 @@ CHUNK_GAP_S = 0.02
 
 async def _completions(request: web.Request) -> web.StreamResponse:
     body = await request.json()
-    if len(body["prompt"]) > MAX_PROMPT or not body.get("ignore_eos"):
+    if (isinstance(body["prompt"], list) and len(body["prompt"]) > MAX_PROMPT) or not body.get("ignore_eos"):
         return web.json_response({"error": {"message": "prompt too long", "type": "BadRequestError"}}, status=400)
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
     await response.prepare(request)
@@ -26,19 +26,27 @@ async def _completions(request: web.Request) -> web.StreamResponse:
     for i in range(body["max_tokens"]):
         await asyncio.sleep(CHUNK_GAP_S)
         await response.write(f'data: {json.dumps({"choices": [{"text": f"t{i}"}]})}\n\n'.encode())
-    usage = {"prompt_tokens": len(body["prompt"]), "completion_tokens": body["max_tokens"]}
+    prompt = body["prompt"]
+    # a text prompt's "tokens": its words, so the test can tell the server's count was used
+    usage = {"prompt_tokens": len(prompt.split()) if isinstance(prompt, str) else len(prompt),
+             "completion_tokens": body["max_tokens"]}
     await response.write(f"data: {json.dumps({'choices': [], 'usage': usage})}\n\n".encode())
     await response.write(b"data: [DONE]\n\n")
     return response
 
 
-async def test_replay_records_each_chunk_and_reports_failures_without_stopping():
+async def _scripted_server() -> tuple[web.AppRunner, int]:
     app = web.Application()
     app.router.add_post("/v1/completions", _completions)
     runner = web.AppRunner(app)
     await runner.setup()
     port = free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()
+    return runner, port
+
+
+async def test_replay_records_each_chunk_and_reports_failures_without_stopping():
+    runner, port = await _scripted_server()
     try:
         requests = [TraceRequest(0.0, 10, 4), TraceRequest(0.05, 60, 3), TraceRequest(0.1, 20, 1),
                     TraceRequest(0.1, BROKEN, 2)]
@@ -53,3 +61,25 @@ async def test_replay_records_each_chunk_and_reports_failures_without_stopping()
     assert single.ok and single.output_len == 1 and single.tpot is None
     assert single.sent - first.sent >= 0.09  # sent at its arrival time, not at once
     assert duration >= 0.1
+
+
+async def test_text_prompts_are_real_text_counted_by_the_server():
+    runner, port = await _scripted_server()
+    try:
+        requests = [TraceRequest(0.0, 400, 2), TraceRequest(0.0, 40, 2)]
+        records, _ = await replay(f"http://127.0.0.1:{port}/v1/completions", "m", requests, progress=False,
+                                  text=True)
+    finally:
+        await runner.cleanup()
+    assert all(r.ok for r in records)
+    assert [r.prompt_len for r in records] == [300, 30]  # the server's count: 0.75 words per token asked
+
+
+def test_text_prompts_come_from_the_eval_text():
+    import random
+
+    from hma.bench.serve import EVAL_TEXT, prompt_text
+
+    words = EVAL_TEXT.read_text().split()
+    text = prompt_text(100, words, random.Random(0))
+    assert len(text.split()) == 75 and text in " ".join(words)

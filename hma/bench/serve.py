@@ -3,9 +3,9 @@
 `python -m hma bench serve --base-url http://127.0.0.1:8000 --trace azure-conv --num-prompts 200
  --request-rate 2 --slo-ttft-ms 2000 --slo-tpot-ms 100 --json serve.json`
 Each request is a streaming /v1/completions call whose prompt is a list of token ids of the
-trace's prompt length, with max_tokens = the trace's output length and ignore_eos, sent at its
-(rate-scaled) arrival time. Per request it records when each chunk arrived and the server's token
-count, then reports vLLM `bench serve`'s metrics, SLO attainment and request goodput
+trace's prompt length (or, with --prompts text, real WikiText-2 text of about that length), with
+max_tokens = the trace's output length and ignore_eos, sent at its (rate-scaled) arrival time.
+Per request it records when each chunk arrived and the server's token counts, then reports vLLM `bench serve`'s metrics, SLO attainment and request goodput
 (hma/bench/goodput.py). --goodput-search replays the same requests at several rates and reports
 the highest one at which 90% of requests meet both SLOs (DistServe's goodput), per GPU and per
 dollar when --num-gpus and --dollars-per-hour are given.
@@ -24,21 +24,31 @@ import aiohttp
 from tqdm import tqdm
 
 from hma.bench.goodput import SLO, RequestRecord, search_goodput, summarize
-from hma.bench.traces import TraceRequest, clip, poisson_arrivals, read_trace, scale_to_rate, trace_path
+from hma.bench.traces import (TRACE_DIR, TraceRequest, clip, poisson_arrivals, read_trace, scale_to_rate,
+                              trace_path)
 
 TOKEN_ID_RANGE = (1000, 20000)  # ordinary tokens in every vocabulary this project serves
 REQUEST_TIMEOUT_S = 600.0
+EVAL_TEXT = TRACE_DIR.parent / "eval" / "wikitext2_raw_test.txt"
+WORDS_PER_TOKEN = 0.75  # English text under BPE vocabularies: about four tokens per three words
 
 
 def prompt_ids(length: int, rng: random.Random) -> list[int]:
     return [rng.randrange(*TOKEN_ID_RANGE) for _ in range(length)]
 
 
+def prompt_text(length: int, words: list[str], rng: random.Random) -> str:
+    """A run of real text of about `length` tokens (the server's count is what gets recorded)."""
+    num_words = max(1, round(length * WORDS_PER_TOKEN))
+    start = rng.randrange(max(1, len(words) - num_words))
+    return " ".join(words[start:start + num_words])
+
+
 async def send(session: aiohttp.ClientSession, url: str, model: str, request: TraceRequest,
-               ids: list[int]) -> RequestRecord:
+               prompt: list[int] | str) -> RequestRecord:
     """One streaming completion; every failure ends up in the record's error, never raised."""
-    record = RequestRecord(prompt_len=len(ids))
-    body = {"model": model, "prompt": ids, "max_tokens": request.output_len, "ignore_eos": True,
+    record = RequestRecord(prompt_len=request.prompt_len)  # text prompts: the server's count replaces it
+    body = {"model": model, "prompt": prompt, "max_tokens": request.output_len, "ignore_eos": True,
             "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True}}
     record.sent = time.perf_counter()
     try:
@@ -64,28 +74,34 @@ def _read_event(line: str, record: RequestRecord) -> None:
         record.error = error.get("message", "error event") if isinstance(error, dict) else str(error)
     elif event.get("usage"):
         record.output_len = event["usage"]["completion_tokens"]
+        record.prompt_len = event["usage"].get("prompt_tokens", record.prompt_len)
     elif event.get("choices"):  # every chunk counts, text or not, as vLLM's bench serve counts them
         record.chunk_times.append(time.perf_counter())
 
 
 async def replay(url: str, model: str, requests: list[TraceRequest], seed: int = 0,
-                 progress: bool = True) -> tuple[list[RequestRecord], float]:
-    """Sends every request at its arrival time; returns the records and the run's duration."""
+                 progress: bool = True, text: bool = False) -> tuple[list[RequestRecord], float]:
+    """Sends every request at its arrival time (prompts of token ids, or real text); returns the
+    records and the run's duration."""
     rng = random.Random(seed)
-    prompts = [prompt_ids(r.prompt_len, rng) for r in requests]
+    if text:
+        words = EVAL_TEXT.read_text().split()
+        prompts = [prompt_text(r.prompt_len, words, rng) for r in requests]
+    else:
+        prompts = [prompt_ids(r.prompt_len, rng) for r in requests]
     timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
     connector = aiohttp.TCPConnector(limit=0)  # no client-side cap on concurrent requests
     with tqdm(total=len(requests), desc="requests", disable=not progress) as bar:
         async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
             start = time.perf_counter()
 
-            async def one(request: TraceRequest, ids: list[int]) -> RequestRecord:
+            async def one(request: TraceRequest, prompt: list[int] | str) -> RequestRecord:
                 await asyncio.sleep(max(0.0, start + request.arrival_s - time.perf_counter()))
-                record = await send(session, url, model, request, ids)
+                record = await send(session, url, model, request, prompt)
                 bar.update(1)
                 return record
 
-            records = await asyncio.gather(*(one(r, ids) for r, ids in zip(requests, prompts)))
+            records = await asyncio.gather(*(one(r, p) for r, p in zip(requests, prompts)))
     return list(records), time.perf_counter() - start
 
 
@@ -119,6 +135,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--output-len", type=int, default=None, help="every output this long instead")
     parser.add_argument("--max-prompt-len", type=int, default=None, help="clip longer prompts (say so)")
     parser.add_argument("--max-output-len", type=int, default=None, help="clip longer outputs")
+    parser.add_argument("--prompts", choices=["token-ids", "text"], default="token-ids",
+                        help="token ids of the exact lengths, or real text (WikiText-2 from ../shared/eval) "
+                             "of about those lengths, counted by the server")
     parser.add_argument("--slo-ttft-ms", type=float, default=None)
     parser.add_argument("--slo-tpot-ms", type=float, default=None)
     parser.add_argument("--goodput-search", action="store_true", help="find the highest rate keeping 90%% attainment")
@@ -140,11 +159,12 @@ async def _run(args: argparse.Namespace, slo: SLO | None) -> dict:
     url = args.base_url.rstrip("/") + "/v1/completions"
     requests, num_clipped = load_requests(args)
     result = {"base_url": args.base_url, "model": model, "trace": args.trace, "num_prompts": len(requests),
+              "prompts": args.prompts,
               "num_clipped": num_clipped, "arrivals": args.arrivals, "request_rate": args.request_rate,
               "date": time.strftime("%Y-%m-%d %H:%M:%S"),
               "slo": {"ttft_ms": args.slo_ttft_ms, "tpot_ms": args.slo_tpot_ms} if slo else None}
     records, duration = await replay(url, model, at_rate(requests, args.request_rate, args.arrivals, args.seed),
-                                     args.seed)
+                                     args.seed, text=args.prompts == "text")
     result |= summarize(records, duration, slo)
     result["errors"] = sorted({r.error for r in records if r.error})[:10]
     if args.goodput_search:
@@ -160,7 +180,7 @@ async def _search(args: argparse.Namespace, slo: SLO, url: str, model: str,
                   requests: list[TraceRequest]) -> dict:
     async def attainment_at(rate: float) -> float:
         records, duration = await replay(url, model, at_rate(requests, rate, args.arrivals, args.seed),
-                                         args.seed, progress=False)
+                                         args.seed, progress=False, text=args.prompts == "text")
         value = summarize(records, duration, slo)["slo_attainment"]
         print(f"rate {rate:.3f} req/s: SLO attainment {value:.1%}")
         return value
