@@ -182,7 +182,8 @@ def _greedy(model: Qwen3ForCausalLM, tokenizer, eos_ids: list[int], kv_dtype: st
     """Greedy generations through the engine (prefill precision for the prompt, then decode)."""
     config = EngineConfig(block_size=BLOCK_SIZE, kv_dtype=kv_dtype)
     fmt = resolve_kv_format(kv_dtype, next(model.parameters()).dtype)
-    need = sum(blocks_for(len(p) + max_tokens, BLOCK_SIZE) for p in prompts) + 1  # +1: CUDA graphs' padding block
+    # one block more: on CUDA the decode graphs keep one for their padding rows
+    need = sum(blocks_for(len(p) + max_tokens, BLOCK_SIZE) for p in prompts) + 1
     cache = KVCache(model.config, need, BLOCK_SIZE, fmt, next(model.parameters()).device)
     engine = LLMEngine(model, cache, config, tokenizer, eos_ids)
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0)

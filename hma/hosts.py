@@ -182,8 +182,8 @@ class Cluster:
             if (prefill is None and self.prefills) or not decodes:
                 raise ServiceUnavailableError("no prefill or no decode host is connected")
             reasons = []
+            named = prefill.address if prefill else ""  # none: colocated replicas prefill themselves
             for decode in decodes:
-                named = prefill.address if prefill else ""  # none: colocated replicas prefill themselves
                 reply, replies = await self._try(decode, prefill, Generate(req.request_id, req.prompt_token_ids,
                                                                            sampling, named))
                 if reply.accepted:

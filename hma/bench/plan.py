@@ -26,7 +26,7 @@ import numpy as np
 from hma.bench.goodput import SLO, attainment, search_goodput
 from hma.bench.hardware import ACCELERATORS, Accelerator
 from hma.bench.simulate import Deployment, simulate
-from hma.bench.speed import prefill_flops
+from hma.bench.speed import decoder_linear_params, prefill_flops
 from hma.bench.traces import TraceRequest, clip, read_trace, scale_to_rate, trace_path
 from hma.config import QWEN3_SHAPES, ModelConfig, qwen3_shape
 from hma.errors import InvalidRequestError
@@ -78,11 +78,10 @@ def calibrate(speed: dict, device: Accelerator) -> Calibration:
 
 
 def num_params(config: ModelConfig) -> int:
-    h, inter = config.hidden_size, config.intermediate_size
-    q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
-    layer = h * (q + 2 * kv) + q * h + 3 * h * inter + 2 * h
+    h = config.hidden_size
+    norms = config.num_hidden_layers * 2 * h + h
     embeddings = config.vocab_size * h * (1 if config.tie_word_embeddings else 2)
-    return config.num_hidden_layers * layer + embeddings + h
+    return decoder_linear_params(config) + norms + embeddings
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,7 +113,7 @@ def build(plan: Plan, model: ModelConfig, cal: Calibration, link_bytes_per_s: fl
     decode_weights = 2 * params  # decode keeps bf16 weights
     kv_room = plan.decode.memory_bytes * MEMORY_USABLE - decode_weights
     if kv_room <= 0:
-        return f"{model_name(model)} bf16 weights do not fit a {plan.decode.name}"
+        return f"bf16 weights ({decode_weights / 1e9:.0f} GB) do not fit a {plan.decode.name}"
     prefill_card = plan.prefill or plan.decode
     prefill_mode = plan.prefill_dtype if plan.prefill else "bf16"
     peak = prefill_card.peak(prefill_mode)
@@ -138,10 +137,6 @@ def build(plan: Plan, model: ModelConfig, cal: Calibration, link_bytes_per_s: fl
     return Deployment(num_prefill=plan.num_prefill if plan.prefill else 0, num_decode=plan.num_decode,
                       prefill_s=prefill_s, decode_s=decode_s, transfer_s=transfer_s, pipelined=plan.pipeline,
                       num_layers=model.num_hidden_layers, kv_capacity_tokens=int(kv_room // kv_per_token))
-
-
-def model_name(model: ModelConfig) -> str:
-    return next((n for n in QWEN3_SHAPES if qwen3_shape(n) == model), "the model")
 
 
 def simulated_goodput(requests: list[TraceRequest], deployment: Deployment, slo: SLO, low: float, high: float,

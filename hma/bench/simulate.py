@@ -106,13 +106,19 @@ class Simulation:
             replica.prompts.append((request, record))
             self._step(replica, now)
 
-    def _take_batch(self, queue: deque, budget: int) -> list:
+    def _take_batch(self, queue: deque, budget: int, place: Callable[[TraceRequest], _Decoder | None]) -> list:
+        """The oldest prompts that fit the token budget (the first always does), each as (request,
+        record, the decoder place gives it); stops at the first prompt place has no decoder for."""
         batch, tokens = [], 0
         while queue and len(batch) < self.d.max_num_seqs:
-            request, _ = queue[0]
+            request, record = queue[0]
             if batch and tokens + request.prompt_len > budget:
                 break
-            batch.append(queue.popleft())
+            decoder = place(request)
+            if decoder is None:
+                break
+            queue.popleft()
+            batch.append((request, record, decoder))
             tokens += request.prompt_len
         return batch
 
@@ -120,33 +126,23 @@ class Simulation:
         for i in range(self.d.num_prefill):
             if self.prefill_busy[i]:
                 continue
-            batch = self._take_placed_batch()
+            batch = self._take_batch(self.prompts, self.d.max_batch_tokens, self._reserve)
             if not batch:
                 return
             self.prefill_busy[i] = True
-            end = now + self.d.prefill_s([q.prompt_len for q, _, _ in batch])
+            end = now + self.d.prefill_s([q.prompt_len for q, *_ in batch])
             self.at(end, lambda t, i=i, b=batch, start=now: self._prefill_done(i, b, start, t))
 
-    def _take_placed_batch(self) -> list:
-        """The oldest prompts that fit the token budget, each with the decode device that reserved
-        its KV room; stops at the first prompt no device has room for."""
-        batch, tokens = [], 0
-        while self.prompts and len(batch) < self.d.max_num_seqs:
-            request, record = self.prompts[0]
-            if batch and tokens + request.prompt_len > self.d.max_batch_tokens:
-                break
-            need = request.prompt_len + request.output_len
-            room = [dec for dec in self.decoders
-                    if dec.reserved == 0 or dec.reserved + need <= self.d.kv_capacity_tokens]
-            if not room:
-                break
-            decoder = min(room, key=lambda dec: dec.load)
-            decoder.reserved += need
-            decoder.in_prefill += 1
-            self.prompts.popleft()
-            batch.append((request, record, decoder))
-            tokens += request.prompt_len
-        return batch
+    def _reserve(self, request: TraceRequest) -> _Decoder | None:
+        """The decode device with the fewest requests that has KV room for this one, room taken."""
+        need = request.prompt_len + request.output_len
+        room = [dec for dec in self.decoders if dec.reserved == 0 or dec.reserved + need <= self.d.kv_capacity_tokens]
+        if not room:
+            return None
+        decoder = min(room, key=lambda dec: dec.load)
+        decoder.reserved += need
+        decoder.in_prefill += 1
+        return decoder
 
     def _prefill_done(self, device: int, batch: list, start: float, now: float) -> None:
         self.prefill_busy[device] = False
@@ -178,12 +174,12 @@ class Simulation:
         self._release_finished(dec, now)  # finished ones free their KV first
         self._admit(dec, now)
         self._release_finished(dec, now)  # one-token requests need no step
-        prompts = self._take_batch(dec.prompts, self.d.max_batch_tokens - len(dec.running))
+        prompts = self._take_batch(dec.prompts, self.d.max_batch_tokens - len(dec.running), lambda _: dec)
         if not prompts and not dec.running:
             return
         contexts = [r.context_len for r in dec.running]
         if prompts:
-            seconds = self.d.prefill_s([q.prompt_len for q, _ in prompts])
+            seconds = self.d.prefill_s([q.prompt_len for q, *_ in prompts])
             if contexts:
                 seconds += self.d.decode_s(contexts) - self.d.decode_s([])
         else:
@@ -218,7 +214,7 @@ class Simulation:
             r.record.output_len += 1
             r.context_len += 1
             r.remaining -= 1
-        for request, record in prompts:  # colocated: their first token, then they decode here
+        for request, record, _ in prompts:  # colocated: their first token, then they decode here
             record.chunk_times.append(now)
             record.output_len = 1
             joiner = _Running(record, request.prompt_len + 1, request.output_len - 1)

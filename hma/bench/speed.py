@@ -17,6 +17,7 @@ Medians of --iters runs. Points whose KV does not fit in memory are listed as sk
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import statistics
@@ -136,16 +137,21 @@ def bench_decode(model: Qwen3ForCausalLM, kv_dtype: str, contexts: list[int], ba
     return rows
 
 
+def decoder_linear_params(config: ModelConfig) -> int:
+    """Weights of every layer's q/k/v, o, gate/up and down projections (no norms, no embeddings)."""
+    h, inter = config.hidden_size, config.intermediate_size
+    q = config.num_attention_heads * config.head_dim
+    kv = config.num_key_value_heads * config.head_dim
+    return config.num_hidden_layers * (h * (q + 2 * kv) + q * h + 3 * h * inter)
+
+
 def prefill_flops(config: ModelConfig, num_tokens: int) -> float:
     """Matmul FLOPs of one causal prompt: decoder linears for every token, attention's two
     products over the n(n+1)/2 query-key pairs, lm_head for the last token."""
-    h, inter, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
     q = config.num_attention_heads * config.head_dim
-    kv = config.num_key_value_heads * config.head_dim
-    linear = layers * (h * (q + 2 * kv) + q * h + 3 * h * inter)
     pairs = num_tokens * (num_tokens + 1) / 2
-    attention = layers * 2 * 2 * pairs * q
-    return 2 * linear * num_tokens + attention + 2 * h * config.vocab_size
+    attention = config.num_hidden_layers * 2 * 2 * pairs * q
+    return 2 * decoder_linear_params(config) * num_tokens + attention + 2 * config.hidden_size * config.vocab_size
 
 
 def bench_prefill(model: Qwen3ForCausalLM, modes: list[str], lens: list[int], peak: float,
@@ -221,7 +227,7 @@ def main(argv: list[str] | None = None) -> dict:
     for shape in args.shapes.split(","):
         config = qwen3_shape(shape)
         if args.num_layers:
-            config = ModelConfig(**{**_fields(config), "num_hidden_layers": args.num_layers})
+            config = dataclasses.replace(config, num_hidden_layers=args.num_layers)
         model = Qwen3ForCausalLM.create(config, torch.bfloat16, device,
                                         max_positions=max(ints(args.contexts) + ints(args.prompt_lens)) + 1)
         model.init_random_()
@@ -247,10 +253,6 @@ def main(argv: list[str] | None = None) -> dict:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(out, indent=2))
     return out
-
-
-def _fields(config: ModelConfig) -> dict:
-    return {name: getattr(config, name) for name in config.__slots__}
 
 
 def _print_peaks(peaks: dict[str, float]) -> None:
