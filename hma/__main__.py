@@ -140,7 +140,7 @@ def _parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="run a benchmark: speed, serve, plots, prefill, outliers, transfer",
                                 add_help=False)
-    bench.add_argument("name", choices=["speed", "serve", "plots", "prefill", "outliers", "transfer"])
+    bench.add_argument("name", choices=["speed", "serve", "systems", "link", "plots", "prefill", "outliers", "transfer"])
     bench.set_defaults(run=_bench)
 
     quality = commands.add_parser("eval", help="quality of prefill precisions and KV formats",

@@ -123,7 +123,9 @@ def qwen3_shape(name: str) -> ModelConfig:
 class EngineConfig:
     """What one engine process needs: model, placement, KV memory and batching limits."""
 
-    model: str = field(default="demo", metadata={"help": "'demo', a local checkpoint folder or a hub id"})
+    model: str = field(default="demo", metadata={
+        "help": "'demo', a local checkpoint folder, a hub id, or random:SHAPE (random weights at a Qwen3 shape "
+                "such as random:qwen3-4b, for benchmarks)"})
     device: str | None = field(default=None, metadata={"help": "cpu or cuda (default: cuda if present)"})
     dtype: str | None = field(default=None, metadata={"help": "float32 | bfloat16 | float16 "
                                                               "(default: bfloat16 on cuda, float32 on cpu)"})
@@ -182,7 +184,8 @@ class HostConfig:
 class RouterConfig:
     """The router: its HTTP address, the hosts behind it, and the model it tokenizes for."""
 
-    model: str = field(default="demo", metadata={"help": "checkpoint whose tokenizer to use (as the hosts')"})
+    model: str = field(default="demo", metadata={
+        "help": "checkpoint whose tokenizer to use (as the hosts'); random:SHAPE has none"})
     served_model_name: str | None = field(default=None, metadata={"help": "the model name clients send"})
     host: str = field(default="127.0.0.1", metadata={"help": "HTTP address to listen on"})
     port: int = field(default=8000, metadata={"help": "HTTP port"})

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from hma import random_weights
 from hma.batch import Batch, SeqChunk
 from hma.checkpoint import iter_safetensors, load_config_dict, load_tokenizer, resolve_model_path
 from hma.config import EngineConfig, ModelConfig
@@ -180,17 +181,22 @@ def load_model(config: EngineConfig, device: torch.device,
                dtype: torch.dtype) -> tuple[Qwen3ForCausalLM, object, list[int]]:
     """The checkpoint's model (with its prefill-precision copy), tokenizer and EOS token ids."""
     t0 = time.perf_counter()
-    path = resolve_model_path(config.model)
-    model_config = ModelConfig.from_dict(load_config_dict(path))
-    tokenizer = load_tokenizer(path)
+    if random_weights.shape_of(config.model):
+        model_config, path, tokenizer = random_weights.config_of(config.model), None, random_weights.TokenIdText()
+    else:
+        path = resolve_model_path(config.model)
+        model_config, tokenizer = ModelConfig.from_dict(load_config_dict(path)), load_tokenizer(path)
     max_positions = min(config.max_model_len or model_config.max_position_embeddings,
                         model_config.max_position_embeddings)
-    model = Qwen3ForCausalLM.create(model_config, dtype, device, max_positions)
-    model.load_weights(iter_safetensors(path, device=device, dtype=dtype))
+    if path is None:
+        model = random_weights.build(config.model, dtype, device, max_positions)
+    else:
+        model = Qwen3ForCausalLM.create(model_config, dtype, device, max_positions)
+        model.load_weights(iter_safetensors(path, device=device, dtype=dtype))
     set_prefill_precision(model, tokenizer, config.prefill_dtype, config.smoothquant_alpha)
-    log.info("loaded %s (%s, %s on %s, prefill %s) in %.1f s", path.name, model_config.architecture,
+    log.info("loaded %s (%s, %s on %s, prefill %s) in %.1f s", config.model, model_config.architecture,
              dtype, device, config.prefill_dtype, time.perf_counter() - t0)
-    eos = set(model_config.eos_token_ids) | _generation_eos(path)
+    eos = set(model_config.eos_token_ids) | (_generation_eos(path) if path else set())
     if tokenizer.eos_token_id is not None:
         eos.add(tokenizer.eos_token_id)
     return model, tokenizer, sorted(eos)

@@ -13,6 +13,7 @@ import signal
 import time
 from collections.abc import Awaitable, Callable, Iterator
 
+from hma import random_weights
 from hma.checkpoint import checkpoint_fingerprint, resolve_model_path
 from hma.config import EngineConfig
 from hma.engine import LLMEngine
@@ -35,6 +36,13 @@ def resolve_secret(flag: str | None) -> bytes:
     return secret.encode()
 
 
+def fingerprint_of(model: str) -> str:
+    """The handshake's model fingerprint of a checkpoint or of a random-weight shape."""
+    if random_weights.shape_of(model):
+        return random_weights.fingerprint(model)
+    return checkpoint_fingerprint(resolve_model_path(model))
+
+
 @contextlib.contextmanager
 def phase(name: str) -> Iterator[None]:
     """Logs one start-up phase with its duration."""
@@ -48,7 +56,7 @@ def load_engine(config: EngineConfig, role: str) -> tuple[LLMEngine, Callable[[]
     """The role's engine (weights, KV cache) and the Hello it greets peers with."""
     with phase("load"):
         engine = LLMEngine.from_config(config)
-    fingerprint = checkpoint_fingerprint(resolve_model_path(config.model))
+    fingerprint = fingerprint_of(config.model)
     kv, block_size = engine.kv_cache.format.name, engine.kv_cache.block_size
     log.info("role=%s kv_format=%s block_size=%d num_blocks=%d max_model_len=%d", role, kv, block_size,
              engine.kv_cache.num_blocks, engine.max_model_len)

@@ -48,6 +48,7 @@ class LocalCluster:
     decode_address: str = ""  # the first decode host's
     num_decode: int = 1
     colocated: bool = False  # no prefill host: the decode hosts prefill their own prompts
+    gpus: dict[str, str] = field(default_factory=dict)  # process name (prefill, decode, decode-1) -> its GPUs
 
     @property
     def url(self) -> str:
@@ -76,6 +77,8 @@ class LocalCluster:
     def _spawn(self, role: str, flags: list[str], name: str | None = None) -> None:
         name = name or role
         env = {**os.environ, "HMA_SECRET": self.secret, "PYTHONUNBUFFERED": "1"}
+        if name in self.gpus:
+            env["CUDA_VISIBLE_DEVICES"] = self.gpus[name]
         command = [*self.prefix.get(role, []), sys.executable, "-m", "hma", role, *flags]
         with open(self.log_dir / f"{name}.log", "w") as log_file:
             self.processes[name] = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env)

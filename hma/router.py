@@ -16,13 +16,13 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from hma import api
+from hma import api, random_weights
 from hma.async_engine import AsyncEngine
-from hma.checkpoint import checkpoint_fingerprint, load_tokenizer, resolve_model_path
+from hma.checkpoint import load_tokenizer, resolve_model_path
 from hma.config import RouterConfig
 from hma.engine import apply_chat_template
 from hma.errors import HMAError, InvalidRequestError, NotFoundError, RequestTooLargeError, ServiceUnavailableError
-from hma.host import phase, resolve_secret, wait_for_stop_signal
+from hma.host import fingerprint_of, phase, resolve_secret, wait_for_stop_signal
 from hma.hosts import Cluster
 from hma.metrics import Counter, Gauge, Histogram, render
 from hma.request import RequestOutput
@@ -190,9 +190,9 @@ async def serve_router(config: RouterConfig) -> None:
     """The router's main: tokenizer, connections to every host, then the HTTP API until stopped."""
     secret = resolve_secret(config.secret)
     with phase("load-tokenizer"):
-        path = resolve_model_path(config.model)
-        tokenizer = load_tokenizer(path)
-        fingerprint = checkpoint_fingerprint(path)
+        random = random_weights.shape_of(config.model)
+        tokenizer = random_weights.TokenIdText() if random else load_tokenizer(resolve_model_path(config.model))
+        fingerprint = fingerprint_of(config.model)
     # the router holds no KV: its Hello's kv_format and block_size are placeholders no peer checks
     cluster = Cluster(_addresses(config.prefill_hosts), _addresses(config.decode_hosts),
                       lambda: make_hello("router", fingerprint, "none", 1), secret)

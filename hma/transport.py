@@ -25,6 +25,7 @@ CONNECT_TIMEOUT_S = 10.0
 HANDSHAKE_TIMEOUT_S = 10.0
 READ_TIMEOUT_S = 60.0    # a KV stream silent this long is dead
 DRAIN_TIMEOUT_S = 60.0   # a peer that stops reading this long is dead (back-pressure bound)
+STREAM_LIMIT = 8 << 20  # read buffer: a KV layer frame arrives without pausing the socket every 64 KiB
 
 # Who may talk to whom: a prefill host pushes KV to decode hosts; the router talks to both.
 PEERS = {"prefill": {"decode", "router"}, "decode": {"prefill", "router"}, "router": {"prefill", "decode"}}
@@ -171,7 +172,7 @@ def parse_address(address: str) -> tuple[str, int]:
 async def connect(host: str, port: int, hello: Hello, secret: bytes,
                   max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> Connection:
     """Opens and authenticates a connection; closes the socket if the handshake fails."""
-    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), CONNECT_TIMEOUT_S)
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port, limit=STREAM_LIMIT), CONNECT_TIMEOUT_S)
     try:
         return await handshake(reader, writer, hello, secret, max_payload_bytes)
     except BaseException:
@@ -200,4 +201,4 @@ async def serve(host: str, port: int, hello_factory: Callable[[], Hello], secret
         finally:
             await conn.close()
 
-    return await asyncio.start_server(accept, host, port)
+    return await asyncio.start_server(accept, host, port, limit=STREAM_LIMIT)

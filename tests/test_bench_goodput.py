@@ -2,7 +2,8 @@
 
 import pytest
 
-from hma.bench.goodput import SLO, RequestRecord, attainment, percentile, search_goodput, summarize
+from hma.bench.goodput import (SLO, RequestRecord, attainment, percentile, search_goodput, search_goodput_from,
+                               summarize)
 
 
 def _record(sent, chunks, output_len, prompt_len=10, error=""):
@@ -70,3 +71,37 @@ async def test_goodput_is_zero_when_even_the_lowest_rate_misses():
         return 0.5
 
     assert (await search_goodput(attainment_at, 0.1, 4.0))[0] == 0.0
+
+
+def _step_curve(knee):
+    async def attainment_at(rate):
+        return 1.0 if rate <= knee else 0.5
+    return attainment_at
+
+
+@pytest.mark.parametrize("start", [1.0, 50.0, 7.0])
+async def test_a_search_from_a_guess_brackets_then_bisects(start):
+    goodput, tried = await search_goodput_from(_step_curve(7.3), start, 0.05, 200.0, refine=3)
+    passed = [r for r, a in tried if a >= 0.9]
+    failed = [r for r, a in tried if a < 0.9]
+    assert goodput == max(passed) <= 7.3 < min(failed)
+    assert min(failed) / goodput <= 2 ** (1 / 8) + 1e-9  # the doubling step, bisected three times
+    assert len(tried) <= 8
+
+
+async def test_a_search_from_a_guess_stops_at_its_bounds():
+    assert (await search_goodput_from(_step_curve(1e9), 10.0, 0.05, 40.0))[0] == 40.0
+    goodput, tried = await search_goodput_from(_step_curve(0.01), 10.0, 0.05, 40.0)
+    assert goodput == 0.0 and min(r for r, _ in tried) == 0.05
+
+
+def test_a_request_has_missed_once_its_first_token_is_late_or_it_ended_badly():
+    slo = SLO(ttft_s=0.5, tpot_s=0.1)
+    waiting = _record(1.0, [], 0)
+    assert not slo.missed(waiting, now=1.4) and slo.missed(waiting, now=1.6)
+    streaming = _record(1.0, [1.2], 0)
+    assert not slo.missed(streaming, now=9.0)  # its first token was in time; its TPOT is not known yet
+    slow = _record(1.0, [1.2, 2.2], 2)
+    slow.finished = True
+    assert slo.missed(slow, now=2.3)
+    assert not slo.missed(_record(0.0, [], 0), now=9.0)  # not sent yet

@@ -5,12 +5,15 @@ import json
 
 from aiohttp import web
 
+from hma.bench.goodput import SLO, attainment
 from hma.bench.serve import replay
 from hma.bench.traces import TraceRequest
 from hma.launch import free_port
 
 MAX_PROMPT = 50
 BROKEN = 33  # a prompt this long gets a stream that is not JSON
+SLOW = 44  # a prompt this long waits SLOW_S for its first token
+SLOW_S = 5.0
 CHUNK_GAP_S = 0.02
 
 
@@ -23,6 +26,8 @@ async def _completions(request: web.Request) -> web.StreamResponse:
     if len(body["prompt"]) == BROKEN:
         await response.write(b"data: {not json\n\n")
         return response
+    if len(body["prompt"]) == SLOW:
+        await asyncio.sleep(SLOW_S)
     for i in range(body["max_tokens"]):
         await asyncio.sleep(CHUNK_GAP_S)
         await response.write(f'data: {json.dumps({"choices": [{"text": f"t{i}"}]})}\n\n'.encode())
@@ -83,3 +88,28 @@ def test_text_prompts_come_from_the_eval_text():
     words = EVAL_TEXT.read_text().split()
     text = prompt_text(100, words, random.Random(0))
     assert len(text.split()) == 75 and text in " ".join(words)
+
+
+async def _replay_until_decided(requests: list[TraceRequest]):
+    runner, port = await _scripted_server()
+    try:
+        return await replay(f"http://127.0.0.1:{port}/v1/completions", "m", requests, progress=False,
+                            give_up=SLO(ttft_s=0.5, tpot_s=1.0))
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_search_probe_stops_once_too_many_requests_missed():
+    requests = [TraceRequest(0.0, SLOW, 2), TraceRequest(0.0, SLOW, 2)] + [TraceRequest(0.1 * i, 10, 2) for i in range(8)]
+    records, duration = await _replay_until_decided(requests)
+    assert duration < SLOW_S / 2  # 2 of 10 past the TTFT limit: more than 10% missed, decided
+    assert all("cancelled" in r.error for r in records[:2])
+    assert attainment(records, SLO(0.5, 1.0)) < 0.9
+
+
+async def test_a_search_probe_stops_once_enough_requests_met_the_slo():
+    requests = [TraceRequest(0.0, SLOW, 2)] + [TraceRequest(0.02 * i, 10, 2) for i in range(10)]
+    records, duration = await _replay_until_decided(requests)
+    assert duration < SLOW_S / 2  # 10 of 11 met it: at least 90%, decided before the slow one ends
+    assert "cancelled" in records[0].error and all(r.ok for r in records[1:])
+    assert attainment(records, SLO(0.5, 1.0)) == 10 / 11

@@ -28,6 +28,7 @@ class RequestRecord:
     sent: float = 0.0
     chunk_times: list[float] = field(default_factory=list)  # arrival of each streamed chunk with text
     error: str = ""
+    finished: bool = False        # the stream ended (completed or failed)
 
     @property
     def ok(self) -> bool:
@@ -62,6 +63,12 @@ class SLO:
     def attained(self, record: RequestRecord) -> bool:
         tpot = record.tpot
         return record.ok and record.ttft <= self.ttft_s and (tpot is None or tpot <= self.tpot_s)
+
+    def missed(self, record: RequestRecord, now: float) -> bool:
+        """Whether the request has missed already, finished or not (no first token in time)."""
+        if record.finished:
+            return not self.attained(record)
+        return bool(record.sent) and not record.chunk_times and now - record.sent > self.ttft_s
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -130,3 +137,37 @@ async def search_goodput(attainment_at: Callable[[float], Awaitable[float]], low
         else:
             high = mid
     return low, tried
+
+
+async def search_goodput_from(attainment_at: Callable[[float], Awaitable[float]], start: float, low: float,
+                              high: float, refine: int = 2,
+                              target: float = TARGET_ATTAINMENT) -> tuple[float, list[tuple[float, float]]]:
+    """As search_goodput, but from a guess: doubles or halves `start` (within [low, high]) until
+    attainment crosses the target, then bisects the last step `refine` times on a log scale. Far
+    fewer probes than a wide bracket when the guess is within a factor of a few."""
+    tried = []
+
+    async def meets(rate: float) -> bool:
+        value = await attainment_at(rate)
+        tried.append((rate, value))
+        return value >= target
+
+    rate = min(max(start, low), high)
+    if await meets(rate):
+        passed, failed = rate, None
+        while failed is None and passed < high:
+            up = min(passed * 2, high)
+            passed, failed = (up, None) if await meets(up) else (passed, up)
+        if failed is None:
+            return passed, tried
+    else:
+        passed, failed = None, rate
+        while passed is None and failed > low:
+            down = max(failed / 2, low)
+            passed, failed = (down, failed) if await meets(down) else (None, down)
+        if passed is None:
+            return 0.0, tried
+    for _ in range(refine):
+        mid = (passed * failed) ** 0.5
+        passed, failed = (mid, failed) if await meets(mid) else (passed, mid)
+    return passed, tried

@@ -1,8 +1,11 @@
 """Pictures: SLO attainment against request rate for each system, and one request's per-layer timeline.
 
 `python -m hma bench plots --attainment a.json b.json --out attainment.png`: the JSON of
-`bench serve --goodput-search` runs (one curve each; --labels names them) or of `plan` (one curve
-per deployment), each point a rate the goodput search tried, with the 90% line goodput is read at.
+`bench serve --goodput-search` runs (one curve each; --labels names them), of `plan` (one curve
+per deployment) or of `bench systems` (one per system and trace; --trace picks one), each point a
+rate the goodput search tried, with the 90% line goodput is read at. (bench systems stops a probe
+once its verdict is decided and counts what it cancelled as missed, so its points are lower bounds
+of the attainment; the verdict, above or below 90%, is exact.)
 `python -m hma bench plots --timeline timeline.json --out timeline.png`: what the router's
 GET /debug/timeline/<request id> returns; per layer, prefill compute (from the previous layer's
 end) and the KV's transfer (computed on the prefill host -> landed on the decode host), and when
@@ -18,11 +21,19 @@ from pathlib import Path
 from hma.bench.goodput import TARGET_ATTAINMENT
 
 
-def attainment_curves(results: list[dict], labels: list[str] | None = None) -> dict[str, list[tuple[float, float]]]:
-    """label -> (rate, attainment) points sorted by rate, from serve and plan JSON results."""
+def attainment_curves(results: list[dict], labels: list[str] | None = None,
+                      trace: str | None = None) -> dict[str, list[tuple[float, float]]]:
+    """label -> (rate, attainment) points sorted by rate, from serve, plan and systems JSON results
+    (systems: a curve per system, of `trace` only if given)."""
     curves = {}
     for i, result in enumerate(results):
-        if "rows" in result:  # plan: a curve per deployment
+        if "systems" in result:  # bench systems: a curve per system and trace
+            for system in result["systems"]:
+                for t in system["traces"]:
+                    if t["probes"] and trace in (None, t["trace"]):
+                        label = f"{result['model'].removeprefix('random:')} {system['label']} [{t['trace']}]"
+                        curves[label] = sorted((p["rate"], p["slo_attainment"]) for p in t["probes"])
+        elif "rows" in result:  # plan: a curve per deployment
             for row in result["rows"]:
                 if row.get("tried"):
                     curves[row["deployment"]] = sorted((t["rate"], t["slo_attainment"]) for t in row["tried"])
@@ -87,15 +98,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--attainment", type=Path, nargs="*", default=[], help="serve or plan JSON files")
     parser.add_argument("--labels", default="", help="comma-separated names for the serve files' curves")
     parser.add_argument("--title", default="")
-    parser.add_argument("--timeline", type=Path, default=None, help="a /debug/timeline/<id> JSON")
+    parser.add_argument("--trace", default=None, help="systems files: only this trace's curves")
+    parser.add_argument("--timeline", type=Path, default=None,
+                        help="a /debug/timeline/<id> JSON, or a bench systems JSON with --system")
+    parser.add_argument("--system", default=None, help="whose timeline in a bench systems JSON (hma, disagg-bf16)")
     parser.add_argument("--out", type=Path, required=True, help="the PNG to write")
     args = parser.parse_args(argv)
     if bool(args.attainment) == bool(args.timeline):
         parser.error("give --attainment files or one --timeline file")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if args.timeline:
-        plot_timeline(json.loads(args.timeline.read_text()), args.out)
+        timeline = json.loads(args.timeline.read_text())
+        if args.system:
+            timeline = next(s["timeline"] for s in timeline["systems"] if s["system"] == args.system)
+        plot_timeline(timeline, args.out)
     else:
         results = [json.loads(p.read_text()) for p in args.attainment]
-        plot_attainment(attainment_curves(results, [x for x in args.labels.split(",") if x]), args.out, args.title)
+        curves = attainment_curves(results, [x for x in args.labels.split(",") if x], args.trace)
+        plot_attainment(curves, args.out, args.title)
     print(f"wrote {args.out}")

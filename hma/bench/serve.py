@@ -23,7 +23,7 @@ from pathlib import Path
 import aiohttp
 from tqdm import tqdm
 
-from hma.bench.goodput import SLO, RequestRecord, search_goodput, summarize
+from hma.bench.goodput import TARGET_ATTAINMENT, SLO, RequestRecord, search_goodput, summarize
 from hma.bench.traces import (TRACE_DIR, TraceRequest, clip, poisson_arrivals, read_trace, scale_to_rate,
                               trace_path)
 
@@ -45,9 +45,8 @@ def prompt_text(length: int, words: list[str], rng: random.Random) -> str:
 
 
 async def send(session: aiohttp.ClientSession, url: str, model: str, request: TraceRequest,
-               prompt: list[int] | str) -> RequestRecord:
-    """One streaming completion; every failure ends up in the record's error, never raised."""
-    record = RequestRecord(prompt_len=request.prompt_len)  # text prompts: the server's count replaces it
+               prompt: list[int] | str, record: RequestRecord) -> None:
+    """One streaming completion into `record`; every failure ends up in its error, never raised."""
     body = {"model": model, "prompt": prompt, "max_tokens": request.output_len, "ignore_eos": True,
             "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True}}
     record.sent = time.perf_counter()
@@ -55,14 +54,14 @@ async def send(session: aiohttp.ClientSession, url: str, model: str, request: Tr
         async with session.post(url, json=body) as response:
             if response.status != 200:
                 record.error = f"HTTP {response.status}: {(await response.text())[:200]}"
-                return record
-            async for raw in response.content:
-                _read_event(raw.decode().strip(), record)
+            else:
+                async for raw in response.content:
+                    _read_event(raw.decode().strip(), record)
     except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError, AttributeError, TypeError) as exc:
         record.error = f"{type(exc).__name__}: {exc}"  # a broken stream (bad JSON, odd shapes) too
     if not record.error and record.output_len != request.output_len:
         record.error = f"asked for {request.output_len} tokens, got {record.output_len}"
-    return record
+    record.finished = True
 
 
 def _read_event(line: str, record: RequestRecord) -> None:
@@ -79,30 +78,52 @@ def _read_event(line: str, record: RequestRecord) -> None:
         record.chunk_times.append(time.perf_counter())
 
 
-async def replay(url: str, model: str, requests: list[TraceRequest], seed: int = 0,
-                 progress: bool = True, text: bool = False) -> tuple[list[RequestRecord], float]:
+async def replay(url: str, model: str, requests: list[TraceRequest], seed: int = 0, progress: bool = True,
+                 text: bool = False, give_up: SLO | None = None) -> tuple[list[RequestRecord], float]:
     """Sends every request at its arrival time (prompts of token ids, or real text); returns the
-    records and the run's duration."""
+    records and the run's duration. With `give_up`, the run stops as soon as its outcome against
+    the goodput target is decided: more requests missed that SLO than the target allows, or enough
+    met it. What is left is cancelled and counts as missed, so a decided pass reports a lower
+    bound of its attainment (a search needs only the verdict, and saves the rest of the run)."""
     rng = random.Random(seed)
     if text:
         words = EVAL_TEXT.read_text().split()
         prompts = [prompt_text(r.prompt_len, words, rng) for r in requests]
     else:
         prompts = [prompt_ids(r.prompt_len, rng) for r in requests]
+    records = [RequestRecord(prompt_len=r.prompt_len) for r in requests]  # text: the server's count replaces it
     timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
     connector = aiohttp.TCPConnector(limit=0)  # no client-side cap on concurrent requests
     with tqdm(total=len(requests), desc="requests", disable=not progress) as bar:
         async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
             start = time.perf_counter()
 
-            async def one(request: TraceRequest, prompt: list[int] | str) -> RequestRecord:
+            async def one(request: TraceRequest, prompt: list[int] | str, record: RequestRecord) -> None:
                 await asyncio.sleep(max(0.0, start + request.arrival_s - time.perf_counter()))
-                record = await send(session, url, model, request, prompt)
+                await send(session, url, model, request, prompt, record)
                 bar.update(1)
-                return record
 
-            records = await asyncio.gather(*(one(r, p) for r, p in zip(requests, prompts)))
-    return list(records), time.perf_counter() - start
+            tasks = [asyncio.create_task(one(*job)) for job in zip(requests, prompts, records)]
+            await _until_done_or_decided(tasks, records, give_up)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+    for record in records:
+        if not record.finished:
+            record.error, record.finished = "cancelled: the run had already missed its SLO target", True
+    return records, time.perf_counter() - start
+
+
+async def _until_done_or_decided(tasks: list[asyncio.Task], records: list[RequestRecord],
+                                 give_up: SLO | None, every_s: float = 0.25) -> None:
+    allowed, needed = (1 - TARGET_ATTAINMENT) * len(records), TARGET_ATTAINMENT * len(records)
+    pending = set(tasks)
+    while pending:
+        _, pending = await asyncio.wait(pending, timeout=every_s if give_up else None)
+        now = time.perf_counter()
+        if give_up and (sum(give_up.missed(r, now) for r in records) > allowed
+                        or sum(r.finished and give_up.attained(r) for r in records) >= needed):
+            return
 
 
 def load_requests(args: argparse.Namespace) -> tuple[list[TraceRequest], int]:
@@ -180,7 +201,7 @@ async def _search(args: argparse.Namespace, slo: SLO, url: str, model: str,
                   requests: list[TraceRequest]) -> dict:
     async def attainment_at(rate: float) -> float:
         records, duration = await replay(url, model, at_rate(requests, rate, args.arrivals, args.seed),
-                                         args.seed, progress=False, text=args.prompts == "text")
+                                         args.seed, progress=False, text=args.prompts == "text", give_up=slo)
         value = summarize(records, duration, slo)["slo_attainment"]
         print(f"rate {rate:.3f} req/s: SLO attainment {value:.1%}")
         return value

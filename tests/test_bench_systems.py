@@ -1,0 +1,62 @@
+"""bench systems: the deployments it starts, the probes it sends, the table it prints, and a short
+real run of the colocated baseline on this CPU (two replicas of the demo model behind the router)."""
+
+import json
+
+from hma.bench.link import measure as measure_link
+from hma.bench.systems import SYSTEMS, main, probe_requests, table
+from hma.bench.traces import TraceRequest
+
+
+def test_each_system_starts_the_hosts_and_flags_it_names():
+    colocated = SYSTEMS["colocated"].cluster("demo", ["--max-model-len", "512"])
+    assert colocated.colocated and colocated.num_decode == 2 and colocated.gpus == {"decode": "0", "decode-1": "1"}
+    hma = SYSTEMS["hma"].cluster("demo", [])
+    assert hma.prefill_flags == ["--kv-dtype", "fp8", "--prefill-dtype", "fp8"] and hma.decode_flags == ["--kv-dtype", "fp8"]
+    assert hma.gpus == {"prefill": "0", "decode": "1"}
+    bf16 = SYSTEMS["disagg-bf16"].plan("H200")
+    assert (bf16.prefill_dtype, bf16.kv_dtype, bf16.pipeline, bf16.num_prefill) == ("bf16", "bf16", False, 1)
+    assert SYSTEMS["hma"].plan("H200").pipeline and SYSTEMS["colocated"].plan("H200").prefill is None
+
+
+def test_a_probe_spans_the_window_at_its_rate():
+    trace = [TraceRequest(float(i), 10, 5) for i in range(100)]
+    assert len(probe_requests(trace, 4.0, 10.0, 20)) == 40
+    assert len(probe_requests(trace, 0.5, 10.0, 20)) == 20  # never fewer than min_requests
+    assert len(probe_requests(trace, 50.0, 10.0, 20)) == 100  # never more than the trace holds
+    batch = probe_requests(trace, 4.0, 10.0, 20)
+    assert abs(len(batch) / (batch[-1].arrival_s - batch[0].arrival_s) - 4.0) < 0.2
+
+
+def _trace(name, goodput, probes, predicted):
+    return {"trace": name, "slo": {"ttft_ms": 250, "tpot_ms": 100}, "goodput": goodput,
+            "predicted_goodput": predicted, "probes": [{"rate": r, "slo_attainment": a} for r, a in probes]}
+
+
+def test_the_table_shows_brackets_planner_error_and_ratios():
+    result = {"model": "m", "systems": [
+        {"system": "colocated", "traces": [_trace("t", 8.0, [(4, 1.0), (8, 0.95), (16, 0.2), (11.3, 0.5)], 10.0)]},
+        {"system": "hma", "traces": [_trace("t", 0.0, [(1, 0.1), (0.5, 0.2)], 0.0)]},
+        {"system": "disagg-bf16", "traces": [{**_trace("t", None, [(1, 0.95)], 0.5), "goodput_at_least": 1}]}]}
+    text = table([result])
+    assert "| 8.00 (fails at 11.30) | 4.00 | 10.00 | +25% |" in text
+    assert "| < 0.50 |" in text and ">= 1.00 (cut short)" in text
+    assert "m, t: (c) / (a) = 0.00x" in text
+
+
+def test_the_loopback_link_is_measured_through_the_transport():
+    (row,) = measure_link([64], num_layers=4, iters=1)
+    assert row["bytes"] == 4 * 2 * 64 * 8 * (128 + 2) and row["gbytes_per_s"] > 0
+
+
+def test_a_short_colocated_run_on_the_cpu_finds_a_goodput(tmp_path):
+    out = tmp_path / "systems.json"
+    result = main(["--model", "demo", "--systems", "colocated", "--traces", "azure-conv", "--max-prompt-len", "48",
+                   "--max-output-len", "3", "--window-s", "2", "--min-requests", "3", "--start-rate", "0.5",
+                   "--max-rate", "0.5", "--refine", "0", "--slo-ttft-ms", "20000", "--slo-tpot-ms", "5000",
+                   "--json", str(out)])
+    (system,) = result["systems"]
+    (trace,) = system["traces"]
+    assert trace["goodput"] == 0.5 and trace["probes"][0]["completed"] == 3
+    assert trace["predicted_goodput"] is None  # the demo model is no Qwen3 shape the planner knows
+    assert json.loads(out.read_text())["link"]["gbytes_per_s"] > 0
