@@ -37,13 +37,13 @@ def _serve(args: argparse.Namespace) -> None:
 
     from hma.async_engine import AsyncEngine
     from hma.engine import LLMEngine, warm_up
-    from hma.router import Router
+    from hma.router import Router, api_keys
 
     engine = LLMEngine.from_config(from_flags(args, EngineConfig))
     warm_up(engine)
     backend = AsyncEngine(engine)
     backend.start()
-    router = Router(backend, engine.tokenizer, args.served_model_name or args.model)
+    router = Router(backend, engine.tokenizer, args.served_model_name or args.model, api_keys=api_keys(args.api_key))
     try:
         web.run_app(router.app(), host=args.host, port=args.port)
     finally:
@@ -119,6 +119,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--served-model-name", default=None, help="the model name clients send")
+    serve.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1 "
+                                                       "(comma-separated keys; default: $HMA_API_KEY)")
     serve.set_defaults(run=_serve)
 
     for role, run in (("prefill", _prefill), ("decode", _decode)):

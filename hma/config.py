@@ -195,6 +195,11 @@ class RouterConfig:
     decode_hosts: str = field(default="127.0.0.1:8200", metadata={"help": "comma-separated host:port"})
     secret: str | None = field(default=None, metadata={"help": "the hosts' shared secret (default: $HMA_SECRET)"})
     api_strict: bool = field(default=True, metadata={"help": "refuse unknown request fields with a 400"})
+    max_queued_requests: int = field(default=512, metadata={
+        "help": "requests the router holds that have no first token yet; beyond it, 503 with Retry-After"})
+    api_key: str | None = field(default=None, metadata={
+        "help": "require `Authorization: Bearer KEY` on /v1 (several keys: comma-separated; default: "
+                "$HMA_API_KEY; neither: the API is open)"})
 
 
 def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:

@@ -53,6 +53,13 @@ class InvalidRequestError(HMAError):
     code = "invalid_request_error"
 
 
+class AuthenticationError(HMAError):
+    """The router wants an API key (`Authorization: Bearer ...`) and the request has none or a wrong one."""
+
+    status = 401
+    code = "invalid_api_key"
+
+
 class ProtocolError(HMAError):
     """A peer sent bytes that are not a valid frame or message; its connection is closed."""
 
@@ -62,10 +69,14 @@ class ProtocolError(HMAError):
 
 class ServiceUnavailableError(HMAError):
     """No host can take the request now (none reachable, or none with room), or a host that was
-    serving it was lost; the client may retry."""
+    serving it was lost; the client may retry (after retry_after_s, when given: Retry-After)."""
 
     status = 503
     code = "service_unavailable"
+
+    def __init__(self, message: str, param: str | None = None, retry_after_s: int | None = None) -> None:
+        super().__init__(message, param)
+        self.retry_after_s = retry_after_s
 
 
 class NotFoundError(HMAError):

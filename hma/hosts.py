@@ -7,7 +7,10 @@ decode hosts are colocated replicas that prefill their own prompts: Generate nam
 for lack of KV blocks moves on to the next decode host; when every one refuses, the request waits
 (bounded) until some request ends, then tries again; a permanent refusal or the wait running out is
 an error. Then tokens stream back from the decode host as RequestOutputs. A host counts as ready
-once its handshake and first status query succeed: hosts listen only when loaded and warm.
+once its handshake and first status query succeed: hosts listen only when loaded and warm. A
+request that fails before its first token (a host lost, a KV stream broken) is placed again, on
+another decode host first, up to PLACEMENT_ATTEMPTS times; after a token has streamed, a failure
+ends it (the router's stream then ends with an error event).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ RECONNECT_S = 0.5
 QUERY_TIMEOUT_S = 5.0
 BEGIN_TIMEOUT_S = 60.0  # a decode host answers once the prefill host queued the request
 PLACEMENT_TIMEOUT_S = 30.0  # the longest a request waits for KV blocks to free up somewhere
+PLACEMENT_ATTEMPTS = 3  # placements of one request that fails before its first token
 
 
 @dataclass(slots=True, eq=False)
@@ -137,16 +141,39 @@ class Cluster:
 
     async def generate(self, prompt: dict, params: SamplingParams,
                        request_id: str) -> AsyncIterator[RequestOutput]:
-        """Places the request, then yields its output as each batch of tokens arrives."""
+        """Places the request, then yields its output as each batch of tokens arrives. If it fails
+        on its way before any token reached the client (a host lost, a KV stream broken), it is
+        placed again, up to PLACEMENT_ATTEMPTS times; once tokens have streamed, a failure ends it."""
         req = Request(request_id, list(prompt["prompt_token_ids"]), params)
-        decode, prefill, replies = await self._place(req)
+        failed_on: set[str] = set()  # decode hosts this request failed on: tried last
+        for attempt in range(1, PLACEMENT_ATTEMPTS + 1):
+            try:
+                async for out in self._attempt(req, failed_on):
+                    yield out
+                return
+            except _FailedBeforeFirstToken as failed:
+                if attempt == PLACEMENT_ATTEMPTS:
+                    raise failed.error from None
+                log.warning("request=%s failed before its first token (%s); placing it again", request_id,
+                            failed.error)
+
+    async def _attempt(self, req: Request, failed_on: set[str]) -> AsyncIterator[RequestOutput]:
+        decode, prefill, replies = await self._place(req, failed_on)
+        request_id = req.request_id
         try:
             while not req.is_finished:
                 msg = await replies.get()
                 if prefill is not None:  # the first message ends the prefill host's part
                     prefill.num_outstanding -= 1
                     prefill = None
-                yield self._advance(req, msg)
+                try:
+                    out = self._advance(req, msg)
+                except ServiceUnavailableError as exc:
+                    if req.output_token_ids:
+                        raise
+                    failed_on.add(decode.address)
+                    raise _FailedBeforeFirstToken(exc) from exc
+                yield out
         finally:
             if prefill is not None:
                 prefill.num_outstanding -= 1
@@ -172,13 +199,15 @@ class Cluster:
             req.output_text, req.metrics.finished_time = msg.text, now
         return RequestOutput.of(req)
 
-    async def _place(self, req: Request) -> tuple[HostLink, HostLink | None, asyncio.Queue]:
+    async def _place(self, req: Request,
+                     avoid: set[str] = frozenset()) -> tuple[HostLink, HostLink | None, asyncio.Queue]:
         """The decode host that accepted the request, its prefill host, and its reply queue."""
         deadline = time.monotonic() + PLACEMENT_TIMEOUT_S
         sampling = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(req.sampling_params).items()}
         while True:
             prefill = _least_loaded(self.prefills)
-            decodes = sorted((h for h in self.decodes if h.conn), key=lambda h: h.num_outstanding)
+            decodes = sorted((h for h in self.decodes if h.conn),
+                             key=lambda h: (h.address in avoid, h.num_outstanding))
             if (prefill is None and self.prefills) or not decodes:
                 raise ServiceUnavailableError("no prefill or no decode host is connected")
             reasons = []
@@ -196,7 +225,8 @@ class Cluster:
                 await asyncio.wait_for(self.request_ended.wait(), deadline - time.monotonic())
             except TimeoutError:
                 raise ServiceUnavailableError(f"no decode host could take the request within "
-                                              f"{PLACEMENT_TIMEOUT_S:.0f} s ({'; '.join(reasons)})") from None
+                                              f"{PLACEMENT_TIMEOUT_S:.0f} s ({'; '.join(reasons)})",
+                                              retry_after_s=1) from None
 
     async def _try(self, decode: HostLink, prefill: HostLink | None,
                    msg: Generate) -> tuple[BeginReply, asyncio.Queue]:
@@ -234,6 +264,14 @@ class Cluster:
             if host.conn is not None and (found := await host.query("timeline", request_id)):
                 return found
         return {}
+
+
+class _FailedBeforeFirstToken(Exception):
+    """A placed request failed before streaming anything: safe to place again."""
+
+    def __init__(self, error: ServiceUnavailableError) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 def _least_loaded(hosts: list[HostLink]) -> HostLink | None:

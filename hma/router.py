@@ -3,13 +3,19 @@
 A request is parsed and checked by api.py, tokenized here (chat template applied), and handed to
 the backend's async `generate`, whose outputs stream back as SSE chunks or one JSON body. The
 backend is a Cluster of prefill and decode hosts (hosts.py: disaggregated serving) or an
-AsyncEngine in this process (colocated serving). Errors become OpenAI error bodies.
+AsyncEngine in this process (colocated serving). Errors become OpenAI error bodies. With API keys
+set, /v1 needs one as a Bearer token (401 otherwise); /health and /metrics stay open for probes.
+At most max_queued requests may wait for their first token; more get a 503 with Retry-After.
+On SIGTERM the router drains: new requests get 503, those in flight finish (up to 30 s), then it exits.
 """
 
 from __future__ import annotations
 
+import asyncio
+import hmac
 import json
 import logging
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -21,7 +27,8 @@ from hma.async_engine import AsyncEngine
 from hma.checkpoint import load_tokenizer, resolve_model_path
 from hma.config import RouterConfig
 from hma.engine import apply_chat_template
-from hma.errors import HMAError, InvalidRequestError, NotFoundError, RequestTooLargeError, ServiceUnavailableError
+from hma.errors import (AuthenticationError, HMAError, InvalidRequestError, NotFoundError, RequestTooLargeError,
+                        ServiceUnavailableError)
 from hma.host import fingerprint_of, phase, resolve_secret, wait_for_stop_signal
 from hma.hosts import Cluster
 from hma.metrics import Counter, Gauge, Histogram, render
@@ -32,14 +39,21 @@ from hma.wire import make_hello
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
+API_KEY_ENV = "HMA_API_KEY"
+RETRY_AFTER_S = 1  # what a 503 for a full queue tells clients to wait
+DRAIN_TIMEOUT_S = 30.0  # on SIGTERM, the longest the router waits for requests in flight
 
 
 class Router:
     """The HTTP surface over one backend and its tokenizer."""
 
-    def __init__(self, backend: AsyncEngine | Cluster, tokenizer, model_name: str, strict: bool = True) -> None:
+    def __init__(self, backend: AsyncEngine | Cluster, tokenizer, model_name: str, strict: bool = True,
+                 api_keys: tuple[str, ...] = (), max_queued: int = 512) -> None:
         self.backend, self.tokenizer = backend, tokenizer
         self.model_name, self.strict = model_name, strict
+        self.api_keys = [key.encode() for key in api_keys]  # empty: the API is open
+        self.max_queued, self.num_queued = max_queued, 0  # requests without a first token yet
+        self.num_in_flight, self.draining = 0, False
         self.created = int(time.time())
         self.ttft = Histogram("hma:time_to_first_token_seconds", "Time to first token.")
         self.itl = Histogram("hma:inter_token_latency_seconds", "Time between successive output tokens.")
@@ -59,6 +73,8 @@ class Router:
     @web.middleware
     async def _errors(self, request: web.Request, handler) -> web.StreamResponse:
         try:
+            if request.path.startswith("/v1/"):
+                self._authenticate(request)
             return await handler(request)
         except web.HTTPException as exc:
             if exc.status != 413:
@@ -69,13 +85,28 @@ class Router:
             if not isinstance(exc, HMAError):
                 log.exception("request failed path=%s", request.path)
             status, body = api.error_body(exc)
-            return web.json_response(body, status=status)
+            headers = {"WWW-Authenticate": "Bearer"} if status == 401 else {}
+            if getattr(exc, "retry_after_s", None):
+                headers["Retry-After"] = str(exc.retry_after_s)
+            return web.json_response(body, status=status, headers=headers)
+
+    def _authenticate(self, request: web.Request) -> None:
+        """With API keys set, /v1 needs one of them as a Bearer token (compared in constant time)."""
+        if not self.api_keys:
+            return
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        given = token.strip().encode()
+        # every key is compared, so the time taken does not tell which one came close
+        if scheme.lower() != "bearer" or not sum(hmac.compare_digest(given, key) for key in self.api_keys):
+            raise AuthenticationError("a valid API key is required: send `Authorization: Bearer <key>`")
 
     async def models(self, request: web.Request) -> web.Response:
         return web.json_response(api.models_response(self.model_name, self.created, self.backend.max_model_len))
 
     async def health(self, request: web.Request) -> web.Response:
-        """200 once every host is loaded, warm and connected; 503 until then."""
+        """200 once every host is loaded, warm and connected; 503 until then, and while draining."""
+        if self.draining:
+            return web.json_response({"status": "draining"}, status=503)
         if self.backend.is_ready:
             return web.json_response({"status": "ok"})
         return web.json_response({"status": "starting"}, status=503)
@@ -103,6 +134,27 @@ class Router:
         return await self._serve(request, parsed, apply_chat_template(self.tokenizer, parsed.messages))
 
     async def _serve(self, request: web.Request, parsed: api.CompletionRequest, ids: list[int]) -> web.StreamResponse:
+        if self.draining:
+            raise ServiceUnavailableError("this router is shutting down; retry on another",
+                                          retry_after_s=RETRY_AFTER_S)
+        self.num_in_flight += 1
+        try:
+            return await self._generate(request, parsed, ids)
+        finally:
+            self.num_in_flight -= 1
+
+    async def drain(self, timeout_s: float) -> None:
+        """Takes no new requests (503), then waits up to timeout_s for those in flight to finish."""
+        self.draining = True
+        deadline = time.monotonic() + timeout_s
+        while self.num_in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self.num_in_flight:
+            log.warning("shutting down with %d requests still in flight after %.0f s", self.num_in_flight,
+                        timeout_s)
+
+    async def _generate(self, request: web.Request, parsed: api.CompletionRequest,
+                        ids: list[int]) -> web.StreamResponse:
         max_model_len = self.backend.max_model_len
         if not max_model_len:
             raise ServiceUnavailableError("no decode host is connected yet; see /health")
@@ -112,6 +164,9 @@ class Router:
                                        f"more; this model's context is {max_model_len} tokens", "messages"
                                        if parsed.is_chat else "prompt")
         params = parsed.sampling_params(parsed.max_tokens or room)
+        if self.num_queued >= self.max_queued:  # a bounded queue: shed load rather than grow without end
+            raise ServiceUnavailableError(f"{self.num_queued} requests are already waiting for their first "
+                                          "token; retry later", retry_after_s=RETRY_AFTER_S)
         request_id = f"{'chatcmpl' if parsed.is_chat else 'cmpl'}-{uuid.uuid4().hex}"
         outputs = self._timed(self.backend.generate({"prompt_token_ids": ids}, params, request_id))
         if parsed.stream:
@@ -153,14 +208,22 @@ class Router:
         """Passes outputs through, observing the time between tokens (a gap spread over the tokens
         that arrived together)."""
         last, num_tokens = None, 0
-        async for out in outputs:
-            now = time.perf_counter()
-            new = len(out.token_ids) - num_tokens
-            if last is not None and new > 0:
-                for _ in range(new):
-                    self.itl.observe((now - last) / new)
-            last, num_tokens = now, len(out.token_ids)
-            yield out
+        self.num_queued += 1
+        queued = True
+        try:
+            async for out in outputs:
+                if queued:
+                    self.num_queued, queued = self.num_queued - 1, False
+                now = time.perf_counter()
+                new = len(out.token_ids) - num_tokens
+                if last is not None and new > 0:
+                    for _ in range(new):
+                        self.itl.observe((now - last) / new)
+                last, num_tokens = now, len(out.token_ids)
+                yield out
+        finally:
+            if queued:
+                self.num_queued -= 1
 
     def _partial_text(self, out, parsed: api.CompletionRequest) -> str:
         """Text so far, holding back a trailing partial character and anything that could be the
@@ -197,16 +260,25 @@ async def serve_router(config: RouterConfig) -> None:
     cluster = Cluster(_addresses(config.prefill_hosts), _addresses(config.decode_hosts),
                       lambda: make_hello("router", fingerprint, "none", 1), secret)
     cluster.start()
-    runner = web.AppRunner(Router(cluster, tokenizer, config.served_model_name or config.model,
-                                  config.api_strict).app(), access_log=None)
+    router = Router(cluster, tokenizer, config.served_model_name or config.model, config.api_strict,
+                    api_keys(config.api_key), config.max_queued_requests)
+    runner = web.AppRunner(router.app(), access_log=None)
     await runner.setup()
     try:
         await web.TCPSite(runner, config.host, config.port).start()
         log.info("listening role=router url=http://%s:%d", config.host, config.port)
         await wait_for_stop_signal()
+        log.info("draining role=router in_flight=%d", router.num_in_flight)
+        await router.drain(DRAIN_TIMEOUT_S)
     finally:
         await runner.cleanup()
         await cluster.stop()
+
+
+def api_keys(flag: str | None) -> tuple[str, ...]:
+    """--api-key, else $HMA_API_KEY: comma-separated keys; none means the API is open."""
+    text = flag if flag is not None else os.environ.get(API_KEY_ENV, "")
+    return tuple(key.strip() for key in text.split(",") if key.strip())
 
 
 def _addresses(text: str) -> list[str]:

@@ -5,10 +5,12 @@
 Each request is a streaming /v1/completions call whose prompt is a list of token ids of the
 trace's prompt length (or, with --prompts text, real WikiText-2 text of about that length), with
 max_tokens = the trace's output length and ignore_eos, sent at its (rate-scaled) arrival time.
-Per request it records when each chunk arrived and the server's token counts, then reports vLLM `bench serve`'s metrics, SLO attainment and request goodput
-(hma/bench/goodput.py). --goodput-search replays the same requests at several rates and reports
+Per request it records when each chunk arrived and the server's token counts, then reports vLLM
+`bench serve`'s metrics, SLO attainment and request goodput (hma/bench/goodput.py).
+--goodput-search replays the same requests at several rates and reports
 the highest one at which 90% of requests meet both SLOs (DistServe's goodput), per GPU and per
-dollar when --num-gpus and --dollars-per-hour are given.
+dollar when --num-gpus and --dollars-per-hour are given; each of its runs stops as soon as its
+verdict (above or below 90%) is decided.
 """
 
 from __future__ import annotations

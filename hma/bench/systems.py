@@ -116,7 +116,7 @@ async def measure(url: str, model: str, requests: list[TraceRequest], slo: SLO, 
         summary = summarize(records, duration, slo)
         probes.append({"rate": rate, "num_requests": len(batch), "slo_attainment": value, "idle_before": idle,
                        "stopped_early": any(r.error.startswith("cancelled") for r in records),
-                       "errors": sorted({r.error for r in records if r.error and not r.error.startswith("cancelled")})[:3],
+                       "errors": sorted({r.error for r in records if r.error and "cancelled" not in r.error})[:3],
                        **{k: summary[k] for k in ("duration", "completed", "median_ttft_ms", "p90_ttft_ms",
                                                   "median_tpot_ms", "p90_tpot_ms")}})
         print(f"  rate {rate:7.3f} req/s, {len(batch):4d} requests: attainment {value:6.1%}  "
@@ -132,7 +132,8 @@ async def measure(url: str, model: str, requests: list[TraceRequest], slo: SLO, 
     return {"goodput": goodput, "probes": probes}
 
 
-def predicted(system: System, model: str, requests: list[TraceRequest], slo: SLO, args: argparse.Namespace) -> float | None:
+def predicted(system: System, model: str, requests: list[TraceRequest], slo: SLO,
+              args: argparse.Namespace) -> float | None:
     """The cost planner's goodput for this deployment (random:SHAPE models only)."""
     shape = random_weights.shape_of(model)
     if shape is None:
