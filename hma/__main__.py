@@ -98,6 +98,12 @@ def _plan(args: argparse.Namespace) -> None:
     main(args.extra)
 
 
+def _chaos(args: argparse.Namespace) -> None:
+    from hma.chaos import main
+
+    main(args.extra)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m hma", description=__doc__)
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING")
@@ -140,9 +146,9 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--serve", action="store_true", help="keep the three running and print the URL")
     demo.set_defaults(run=_demo)
 
-    bench = commands.add_parser("bench", help="run a benchmark: speed, serve, plots, prefill, outliers, transfer",
+    bench = commands.add_parser("bench", help="run a benchmark: speed, attention, serve, plots, prefill, outliers, transfer",
                                 add_help=False)
-    bench.add_argument("name", choices=["speed", "serve", "systems", "link", "plots", "prefill", "outliers", "transfer"])
+    bench.add_argument("name", choices=["speed", "attention", "serve", "systems", "link", "plots", "prefill", "outliers", "transfer"])
     bench.set_defaults(run=_bench)
 
     quality = commands.add_parser("eval", help="quality of prefill precisions and KV formats",
@@ -152,6 +158,10 @@ def _parser() -> argparse.ArgumentParser:
     plan = commands.add_parser("plan", help="goodput per dollar of deployments, by simulation", add_help=False)
     plan.set_defaults(run=_plan)
 
+    chaos = commands.add_parser("chaos", help="faults, kills and corrupt frames against a local cluster",
+                                add_help=False)
+    chaos.set_defaults(run=_chaos)
+
     fetch = commands.add_parser("fetch-demo-model", help="download and convert SmolLM2-135M-Instruct")
     fetch.add_argument("--force", action="store_true", help="convert again even if cached")
     fetch.set_defaults(run=_fetch_demo_model)
@@ -160,9 +170,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     parser = _parser()
-    # bench, eval and plan take their own flags, which their own parsers read from what is left over.
+    # bench, eval, plan and chaos take their own flags, which their own parsers read from what is left over.
     args, args.extra = parser.parse_known_args(argv)
-    if args.extra and args.command not in ("bench", "eval", "plan"):
+    if args.extra and args.command not in ("bench", "eval", "plan", "chaos"):
         parser.error(f"unrecognized arguments: {' '.join(args.extra)}")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:

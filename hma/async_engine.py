@@ -73,8 +73,10 @@ class AsyncEngine:
     def status(self) -> dict:
         """The engine's load and KV cache (read from the loop: a snapshot, not a lock)."""
         scheduler, cache = self.engine.scheduler, self.engine.kv_cache
+        # CUDA graphs hold one block for their padding rows for good: not a request's, not a leak
         return {"running": len(scheduler.running), "waiting": len(scheduler.waiting),
                 "num_blocks": cache.num_blocks, "num_free_blocks": cache.allocator.num_free,
+                "num_reserved_blocks": int(self.engine.graphs is not None),
                 "kv_format": cache.format.name, "max_model_len": self.engine.max_model_len}
 
     async def host_status(self) -> list[tuple[str, dict]]:

@@ -7,7 +7,8 @@ arriving KVLayer straight into the blocks. Once every layer, the first token and
 in, the request joins the engine's running batch and its tokens stream back to the router.
 Invariant: KVLanding owns a request's blocks until it hands the request to the scheduler, which
 owns them from then on; an Abort, a failed prefill or the loss of the peer feeding a request frees
-its blocks at once and ends that request with an error, never a hang or a silent re-prefill.
+its blocks at once and ends that request with an error, never a hang or a silent re-prefill; a
+link that delivers nothing for a whole landing (or begin) timeout has stalled and is closed.
 Everything that touches the engine (landing included) runs in the AsyncEngine's worker thread.
 """
 
@@ -148,7 +149,8 @@ class DecodeServer:
         self.hello, self.secret = hello, secret
         self.links: dict[str, asyncio.Task] = {}  # prefill "host:port" -> its (opening) Connection
         self.link_readers: set[asyncio.Task] = set()
-        self.begin_replies: dict[str, asyncio.Future] = {}  # request id -> the prefill host's BeginReply
+        # request id -> (the prefill link asked, the future of its BeginReply)
+        self.begin_replies: dict[str, tuple[Connection, asyncio.Future]] = {}
         self.timelines: OrderedDict[str, dict] = OrderedDict()
         self.kv_bytes_received = 0
         self.num_requests_finished = 0
@@ -188,7 +190,7 @@ class DecodeServer:
             reply = await self._begin(link, msg, stream)
             await conn.send(reply)
             if reply.accepted:
-                await self._stream_tokens(conn, rid, stream)
+                await self._stream_tokens(conn, rid, stream, link)
                 finished = True
                 self.num_requests_finished += 1
         except HMAError as exc:
@@ -224,9 +226,10 @@ class DecodeServer:
             if not finished:
                 self.worker.abort(msg.request_id)  # explicit, as the disaggregated path does
 
-    async def _stream_tokens(self, conn: Connection, request_id: str, stream: OutputStream) -> None:
+    async def _stream_tokens(self, conn: Connection, request_id: str, stream: OutputStream,
+                             link: Connection) -> None:
         """Forwards outputs as Tokens; a request whose KV has not landed in time fails (no hang)."""
-        num_sent, outputs = 0, aiter(stream)
+        num_sent, outputs, received = 0, aiter(stream), link.bytes_received
         while True:
             try:
                 out = await (asyncio.wait_for(anext(outputs), self.landing_timeout_s) if num_sent == 0
@@ -234,6 +237,7 @@ class DecodeServer:
             except StopAsyncIteration:
                 return
             except TimeoutError:
+                _close_if_stalled(link, received, request_id)
                 raise ServiceUnavailableError(f"the KV of request {request_id} did not land within "
                                               f"{self.landing_timeout_s:g} s") from None
             num_sent = await _send_tokens(conn, out, num_sent)
@@ -247,15 +251,22 @@ class DecodeServer:
         if not reply.accepted:
             return reply
         self._start_timeline(begin, link)
-        waiter = self.begin_replies[msg.request_id] = asyncio.get_running_loop().create_future()
+        waiter = asyncio.get_running_loop().create_future()
+        self.begin_replies[msg.request_id] = (link, waiter)
+        received = link.bytes_received
         try:
+            if link.writer.is_closing():  # its reader, which fails the waiters of a lost link, is done
+                raise ConnectionError(f"lost the connection to {link.peer_name}")
             await link.send(begin)
             reply = await asyncio.wait_for(waiter, BEGIN_TIMEOUT_S)
         except (OSError, TimeoutError) as exc:
+            _close_if_stalled(link, received, msg.request_id)
             raise ServiceUnavailableError(f"prefill host {link.peer_name} did not take the request: "
                                           f"{exc or type(exc).__name__}") from None
         finally:
             self.begin_replies.pop(msg.request_id, None)
+        if not reply.accepted and reply.retryable:  # e.g. draining: another prefill host may take it
+            raise ServiceUnavailableError(f"prefill host {link.peer_name} refused the request for now: {reply.reason}")
         return reply  # a refusal is cleaned up by _serve_request's finally
 
     def _reserve(self, begin: RequestBegin, peer: str, stream: OutputStream) -> BeginReply:
@@ -288,8 +299,8 @@ class DecodeServer:
         """Lands what one prefill host sends; if it breaks, every request it fed fails and frees."""
         def handle(msg: Message) -> None:
             if isinstance(msg, BeginReply):
-                waiter = self.begin_replies.get(msg.request_id)
-                if waiter is not None and not waiter.done():
+                link, waiter = self.begin_replies.get(msg.request_id, (None, None))
+                if link is conn and not waiter.done():
                     waiter.set_result(msg)
             elif isinstance(msg, (KVLayer, FirstToken, RequestEnd, Abort)):
                 self._record(msg, conn.last_frame_bytes)
@@ -305,6 +316,9 @@ class DecodeServer:
             if self.links.get(address) is not None and self.links[address].done():
                 del self.links[address]
             await conn.close()
+            for link, waiter in self.begin_replies.values():  # asked, not answered: no answer will come
+                if link is conn and not waiter.done():
+                    waiter.set_exception(ConnectionError(f"lost the connection to {conn.peer_name}"))
             self.worker.submit(self._drop_peer, conn.peer_name)
 
     # -- worker thread
@@ -353,6 +367,14 @@ class DecodeServer:
         status = self.worker.status()
         return {**status, "role": "decode", "waiting": status["waiting"] + len(self.landing.pending),
                 "kv_bytes_received": self.kv_bytes_received, "num_requests_finished": self.num_requests_finished}
+
+
+def _close_if_stalled(link: Connection, received_before: int, request_id: str) -> None:
+    """A link that owed this request frames and delivered none in a whole timeout has stalled:
+    closing it fails what else it fed (its reader does that), and the next request opens a new one."""
+    if link.bytes_received == received_before and not link.writer.is_closing():
+        log.warning("closing stalled link peer=%s request_id=%s", link.peer_name, request_id)
+        link.writer.close()
 
 
 async def _send_tokens(conn: Connection, out: RequestOutput, num_sent: int) -> int:

@@ -4,18 +4,21 @@
 A request: take the prefill host and the decode host with the fewest requests in flight from this
 router; send Generate to the decode host, naming the prefill host (with no prefill hosts given, the
 decode hosts are colocated replicas that prefill their own prompts: Generate names none). A refusal
-for lack of KV blocks moves on to the next decode host; when every one refuses, the request waits
-(bounded) until some request ends, then tries again; a permanent refusal or the wait running out is
-an error. Then tokens stream back from the decode host as RequestOutputs. A host counts as ready
-once its handshake and first status query succeed: hosts listen only when loaded and warm. A
-request that fails before its first token (a host lost, a KV stream broken) is placed again, on
-another decode host first, up to PLACEMENT_ATTEMPTS times; after a token has streamed, a failure
-ends it (the router's stream then ends with an error event).
+for lack of KV blocks moves on to the next decode host; when every one refuses (or none is
+connected), the request waits (bounded) until some request ends or a second passes, then tries
+again; a permanent refusal or the wait running out is an error. Then tokens stream back from the decode host as RequestOutputs. A host counts as ready
+once its handshake and first status query succeed: hosts listen only when loaded and warm; it
+leaves the rotation when its connection breaks or it misses a heartbeat (a status query every
+HEARTBEAT_S), and rejoins once a new handshake and query succeed. A request that fails before its
+first token (a host lost, a KV stream broken, the prefill host unreachable) is placed again, on
+hosts it has not failed on first, up to PLACEMENT_ATTEMPTS times; after a token has streamed, a
+failure ends it (the router's stream then ends with an error event).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -33,8 +36,10 @@ log = logging.getLogger(__name__)
 
 RECONNECT_S = 0.5
 QUERY_TIMEOUT_S = 5.0
+HEARTBEAT_S = 2.0  # a host that does not answer a status query within QUERY_TIMEOUT_S leaves the rotation
 BEGIN_TIMEOUT_S = 60.0  # a decode host answers once the prefill host queued the request
 PLACEMENT_TIMEOUT_S = 30.0  # the longest a request waits for KV blocks to free up somewhere
+ROOM_POLL_S = 1.0  # a waiting request looks again this often even when no request ended
 PLACEMENT_ATTEMPTS = 3  # placements of one request that fails before its first token
 
 
@@ -55,7 +60,7 @@ class HostLink:
         while True:
             try:
                 conn = await connect(host, port, hello(), secret)
-            except (OSError, TimeoutError, HandshakeError) as exc:
+            except (OSError, TimeoutError, HandshakeError) as exc:  # connect() raises only these
                 log.debug("%s host=%s not reachable yet: %s", self.role, self.address, exc)
                 await asyncio.sleep(RECONNECT_S)
                 continue
@@ -64,20 +69,32 @@ class HostLink:
 
     async def _serve(self, conn: Connection) -> None:
         reader = asyncio.create_task(for_each_message(conn, self._sort_reply))
+        heartbeat = None
         try:
             self.status = await self.query("status", conn=conn)
             self.conn = conn
             log.info("%s host=%s ready: %s", self.role, self.address, self.status)
-            await reader
-        except (HMAError, TimeoutError, OSError) as exc:  # the first query failed
+            heartbeat = asyncio.create_task(self._heartbeat(conn))
+            await asyncio.wait((reader, heartbeat), return_when=asyncio.FIRST_COMPLETED)
+            if heartbeat.done():
+                heartbeat.result()  # raises why the host stopped answering
+        except (HMAError, TimeoutError, OSError) as exc:  # a status query failed or timed out
             log.warning("%s host=%s lost: %s", self.role, self.address, exc or type(exc).__name__)
         finally:
             reader.cancel()
+            if heartbeat is not None:
+                heartbeat.cancel()
             self.conn = None
             lost = ServiceUnavailableError(f"lost the {self.role} host {self.address}")
             for replies in self.replies.values():
                 replies.put_nowait(lost)
             await conn.close()
+
+    async def _heartbeat(self, conn: Connection) -> None:
+        """Returns never: raises once a status query goes unanswered (a host stopped, not closed)."""
+        while True:
+            await asyncio.sleep(HEARTBEAT_S)
+            await self.query("status", conn=conn)
 
     def _sort_reply(self, msg: Message) -> None:
         key = msg.query_id if isinstance(msg, QueryReply) else getattr(msg, "request_id", None)
@@ -159,7 +176,7 @@ class Cluster:
 
     async def _attempt(self, req: Request, failed_on: set[str]) -> AsyncIterator[RequestOutput]:
         decode, prefill, replies = await self._place(req, failed_on)
-        request_id = req.request_id
+        request_id, named = req.request_id, prefill.address if prefill else None
         try:
             while not req.is_finished:
                 msg = await replies.get()
@@ -171,7 +188,7 @@ class Cluster:
                 except ServiceUnavailableError as exc:
                     if req.output_token_ids:
                         raise
-                    failed_on.add(decode.address)
+                    failed_on.update(a for a in (decode.address, named) if a)
                     raise _FailedBeforeFirstToken(exc) from exc
                 yield out
         finally:
@@ -199,34 +216,40 @@ class Cluster:
             req.output_text, req.metrics.finished_time = msg.text, now
         return RequestOutput.of(req)
 
-    async def _place(self, req: Request,
-                     avoid: set[str] = frozenset()) -> tuple[HostLink, HostLink | None, asyncio.Queue]:
-        """The decode host that accepted the request, its prefill host, and its reply queue."""
+    async def _place(self, req: Request, avoid: set[str]) -> tuple[HostLink, HostLink | None, asyncio.Queue]:
+        """The decode host that accepted the request, its prefill host, and its reply queue. Hosts
+        in avoid (the request failed there) come last; a prefill host that fails is added to it."""
         deadline = time.monotonic() + PLACEMENT_TIMEOUT_S
         sampling = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(req.sampling_params).items()}
         while True:
-            prefill = _least_loaded(self.prefills)
-            decodes = sorted((h for h in self.decodes if h.conn),
-                             key=lambda h: (h.address in avoid, h.num_outstanding))
-            if (prefill is None and self.prefills) or not decodes:
-                raise ServiceUnavailableError("no prefill or no decode host is connected")
-            reasons = []
+            prefill = _least_loaded(self.prefills, avoid)
             named = prefill.address if prefill else ""  # none: colocated replicas prefill themselves
+            decodes = _least_loaded_first(self.decodes, avoid) if prefill or not self.prefills else []
+            reasons = [] if decodes else ["no prefill or no decode host is connected"]
             for decode in decodes:
-                reply, replies = await self._try(decode, prefill, Generate(req.request_id, req.prompt_token_ids,
-                                                                           sampling, named))
+                try:
+                    reply, replies = await self._try(decode, prefill, Generate(req.request_id, req.prompt_token_ids,
+                                                                               sampling, named))
+                except _FailedBeforeFirstToken:
+                    avoid.add(named or decode.address)
+                    raise
                 if reply.accepted:
                     return decode, prefill, replies
                 if not reply.retryable:
                     raise ServiceUnavailableError(f"decode host {decode.address} refused the request: {reply.reason}")
                 reasons.append(f"{decode.address}: {reply.reason}")
-            self.request_ended.clear()
-            try:
-                await asyncio.wait_for(self.request_ended.wait(), deadline - time.monotonic())
-            except TimeoutError:
-                raise ServiceUnavailableError(f"no decode host could take the request within "
-                                              f"{PLACEMENT_TIMEOUT_S:.0f} s ({'; '.join(reasons)})",
-                                              retry_after_s=1) from None
+            await self._wait_for_room(deadline, reasons)
+
+    async def _wait_for_room(self, deadline: float, reasons: list[str]) -> None:
+        """Returns once a request ends, or after ROOM_POLL_S (a host may have joined meanwhile);
+        raises once the request has waited PLACEMENT_TIMEOUT_S in all."""
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise ServiceUnavailableError(f"no decode host could take the request within {PLACEMENT_TIMEOUT_S:.0f} s "
+                                          f"({'; '.join(reasons)})", retry_after_s=1)
+        self.request_ended.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.request_ended.wait(), min(remaining, ROOM_POLL_S))
 
     async def _try(self, decode: HostLink, prefill: HostLink | None,
                    msg: Generate) -> tuple[BeginReply, asyncio.Queue]:
@@ -241,6 +264,7 @@ class Cluster:
             reply = await asyncio.wait_for(replies.get(), BEGIN_TIMEOUT_S)
         except (OSError, TimeoutError, AttributeError) as exc:  # AttributeError: conn lost meanwhile
             reply = BeginReply(msg.request_id, False, f"no answer: {exc or type(exc).__name__}", retryable=True)
+        lost_prefill = isinstance(reply, ErrorMessage) and reply.code == ServiceUnavailableError.code
         if isinstance(reply, ErrorMessage):
             reply = BeginReply(msg.request_id, False, reply.message)
         elif isinstance(reply, Exception):
@@ -250,6 +274,8 @@ class Cluster:
             if prefill is not None:
                 prefill.num_outstanding -= 1
             del decode.replies[msg.request_id]
+        if lost_prefill:  # the decode host could not reach the prefill host, or it refused for now
+            raise _FailedBeforeFirstToken(ServiceUnavailableError(f"the request failed on its way: {reply.reason}"))
         return reply, replies
 
     async def host_status(self) -> list[tuple[str, dict]]:
@@ -274,6 +300,11 @@ class _FailedBeforeFirstToken(Exception):
         self.error = error
 
 
-def _least_loaded(hosts: list[HostLink]) -> HostLink | None:
-    return min((h for h in hosts if h.conn), key=lambda h: h.num_outstanding, default=None)
+def _least_loaded_first(hosts: list[HostLink], avoid: set[str]) -> list[HostLink]:
+    """Connected hosts, those the request has not failed on first, each group by requests in flight."""
+    return sorted((h for h in hosts if h.conn), key=lambda h: (h.address in avoid, h.num_outstanding))
+
+
+def _least_loaded(hosts: list[HostLink], avoid: set[str]) -> HostLink | None:
+    return next(iter(_least_loaded_first(hosts, avoid)), None)
 

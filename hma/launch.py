@@ -15,6 +15,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,7 +33,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 @dataclass
 class LocalCluster:
-    """A prefill host, decode hosts and a router, each its own process on this machine (colocated:
+    """Prefill hosts, decode hosts and a router, each its own process on this machine (colocated:
     no prefill host, the decode hosts prefill their own prompts)."""
 
     model: str = "demo"
@@ -47,26 +48,33 @@ class LocalCluster:
     router_port: int = 0
     decode_address: str = ""  # the first decode host's
     num_decode: int = 1
+    num_prefill: int = 1
     colocated: bool = False  # no prefill host: the decode hosts prefill their own prompts
     gpus: dict[str, str] = field(default_factory=dict)  # process name (prefill, decode, decode-1) -> its GPUs
+    # the address the router names for a prefill host (default: its own; the chaos run puts a proxy between)
+    route_prefill: Callable[[str], str] = lambda address: address
+    commands: dict[str, tuple[str, list[str]]] = field(default_factory=dict)  # process name -> (role, flags)
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.router_port}"
 
     def start(self, timeout: float = START_TIMEOUT_S) -> LocalCluster:
-        prefill = "" if self.colocated else self.prefill_address or f"127.0.0.1:{free_port()}"
+        prefills = [] if self.colocated else [self.prefill_address or f"127.0.0.1:{free_port()}"] + [
+            f"127.0.0.1:{free_port()}" for _ in range(self.num_prefill - 1)]
         decodes = [f"127.0.0.1:{free_port()}" for _ in range(self.num_decode)]
         self.decode_address = decodes[0]
         self.router_port = free_port()
-        if prefill:
+        for i, prefill in enumerate(prefills):
             pf_host, _, pf_port = prefill.rpartition(":")
-            self._spawn("prefill", ["--host", pf_host, "--port", pf_port, "--model", self.model, *self.prefill_flags])
+            self._spawn("prefill", ["--host", pf_host, "--port", pf_port, "--model", self.model, *self.prefill_flags],
+                        name=f"prefill-{i}" if i else "prefill")
         for i, decode in enumerate(decodes):
             self._spawn("decode", ["--port", decode.rpartition(":")[2], "--model", self.model, *self.decode_flags],
                         name=f"decode-{i}" if i else "decode")
-        self._spawn("router", ["--port", str(self.router_port), "--model", self.model, "--prefill-hosts", prefill,
-                               "--decode-hosts", ",".join(decodes), *self.router_flags])
+        self._spawn("router", ["--port", str(self.router_port), "--model", self.model, "--prefill-hosts",
+                               ",".join(map(self.route_prefill, prefills)), "--decode-hosts", ",".join(decodes),
+                               *self.router_flags])
         try:
             self._wait_healthy(timeout)
         except BaseException:
@@ -74,13 +82,24 @@ class LocalCluster:
             raise
         return self
 
-    def _spawn(self, role: str, flags: list[str], name: str | None = None) -> None:
+    def kill(self, name: str) -> None:
+        """SIGKILL: the process gets no chance to clean up (a crash, not a shutdown)."""
+        self.processes[name].kill()
+        self.processes[name].wait()
+
+    def respawn(self, name: str) -> None:
+        """Starts a killed process again with its first command (same port); its log continues."""
+        role, flags = self.commands[name]
+        self._spawn(role, flags, name, mode="a")
+
+    def _spawn(self, role: str, flags: list[str], name: str | None = None, mode: str = "w") -> None:
         name = name or role
+        self.commands[name] = (role, flags)
         env = {**os.environ, "HMA_SECRET": self.secret, "PYTHONUNBUFFERED": "1"}
         if name in self.gpus:
             env["CUDA_VISIBLE_DEVICES"] = self.gpus[name]
         command = [*self.prefix.get(role, []), sys.executable, "-m", "hma", role, *flags]
-        with open(self.log_dir / f"{name}.log", "w") as log_file:
+        with open(self.log_dir / f"{name}.log", mode) as log_file:
             self.processes[name] = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env)
 
     def _wait_healthy(self, timeout: float) -> None:

@@ -294,6 +294,8 @@ def host_metrics(statuses: list[tuple[str, dict]]) -> list:
     waiting = Gauge("hma:num_requests_waiting", "Requests waiting to be processed (or their KV to land).")
     usage = Gauge("hma:kv_cache_usage_perc", "KV cache usage; 1 means 100 percent.")
     free = Gauge("hma:kv_cache_free_blocks", "Free KV cache blocks.")
+    used = Gauge("hma:kv_cache_used_blocks", "KV cache blocks held by requests (their KV landed, "
+                 "arriving or being computed); 0 on an idle host, or blocks leaked.")
     sent = Counter("hma:kv_transfer_bytes_total", "KV bytes sent by prefill hosts, framing included.")
     finished = Counter("hma:request_success_total", "Requests each decode host finished.")
     for host, status in statuses:
@@ -301,12 +303,13 @@ def host_metrics(statuses: list[tuple[str, dict]]) -> list:
         running.set(status["running"], labels)
         waiting.set(status["waiting"], labels)
         free.set(status["num_free_blocks"], labels)
+        used.set(status["num_blocks"] - status["num_free_blocks"] - status.get("num_reserved_blocks", 0), labels)
         usage.set(1 - status["num_free_blocks"] / max(status["num_blocks"], 1), labels)
         if "kv_bytes_sent" in status:
             sent.inc(status["kv_bytes_sent"], {**labels, "kv_format": status["kv_format"]})
         if "num_requests_finished" in status:
             finished.inc(status["num_requests_finished"], labels)
-    return [running, waiting, usage, free, sent, finished]
+    return [running, waiting, usage, free, used, sent, finished]
 
 
 async def _json(request: web.Request) -> object:

@@ -171,10 +171,14 @@ def parse_address(address: str) -> tuple[str, int]:
 
 async def connect(host: str, port: int, hello: Hello, secret: bytes,
                   max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> Connection:
-    """Opens and authenticates a connection; closes the socket if the handshake fails."""
+    """Opens and authenticates a connection; raises OSError, TimeoutError or HandshakeError (so
+    callers that retry catch three types), closing the socket if the handshake fails."""
     reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port, limit=STREAM_LIMIT), CONNECT_TIMEOUT_S)
     try:
         return await handshake(reader, writer, hello, secret, max_payload_bytes)
+    except (asyncio.IncompleteReadError, ProtocolError) as exc:  # a peer that dies or garbles mid-handshake
+        writer.close()
+        raise HandshakeError(f"the handshake broke off: {exc}") from None
     except BaseException:
         writer.close()
         raise

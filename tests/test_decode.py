@@ -73,6 +73,7 @@ def test_abort_and_a_lost_peer_free_the_blocks_of_their_requests():
 
 async def test_a_prefill_host_that_goes_silent_fails_the_request_and_frees_its_blocks():
     import asyncio
+    import contextlib
 
     from hma.decode import DecodeServer
     from hma.transport import connect, serve
@@ -82,10 +83,14 @@ async def test_a_prefill_host_that_goes_silent_fails_the_request_and_frees_its_b
     server = DecodeServer(decode, lambda: make_hello("decode", "m", "int8", 4), b"k", landing_timeout_s=0.5)
     server.worker.start()
 
+    link_closed = asyncio.Event()
+
     async def silent_prefill(conn) -> None:  # takes the request, then never sends its KV
         begin = await conn.recv()
         await conn.send(BeginReply(begin.request_id, True))
-        await asyncio.sleep(30)
+        with contextlib.suppress(asyncio.IncompleteReadError):
+            await conn.recv(timeout=30)
+        link_closed.set()  # the decode host gave up on a link that delivered nothing
 
     prefill = await serve("127.0.0.1", 0, lambda: make_hello("prefill", "m", "int8", 4), b"k", silent_prefill)
     listener = await serve("127.0.0.1", 0, lambda: make_hello("decode", "m", "int8", 4), b"k", server.serve_router)
@@ -102,8 +107,69 @@ async def test_a_prefill_host_that_goes_silent_fails_the_request_and_frees_its_b
                 break
             await asyncio.sleep(0.02)
         assert decode.kv_cache.allocator.num_free == 16 and not server.landing.pending
+        await asyncio.wait_for(link_closed.wait(), 5)  # a stalled stream is closed, not reused
     finally:
         await router.close()
         prefill.close()
         listener.close()
+        server.worker.stop()
+
+
+async def test_losing_one_prefill_peer_fails_only_its_requests_and_at_once():
+    """Three prefill hosts: one sends every layer, one breaks off mid-transfer, one closes before
+    answering RequestBegin. Only the first request finishes; the others fail within seconds (not
+    after a begin or landing timeout) and every block comes back."""
+    import asyncio
+    import time
+
+    from hma.decode import DecodeServer
+    from hma.transport import connect, serve
+    from hma.wire import BeginReply, ErrorMessage, Generate, Tokens, make_hello
+
+    hf = tiny_hf_model("Qwen3ForCausalLM")
+    decode = engine_from_hf(hf, num_blocks=16, block_size=4, kv_dtype="int8")
+    server = DecodeServer(decode, lambda: make_hello("decode", "m", "int8", 4), b"k", landing_timeout_s=60)
+    server.worker.start()
+
+    def prefill(num_messages: int | None, answers: bool = True):
+        async def on_connection(conn) -> None:
+            begin = await conn.recv()
+            if not answers:
+                return  # closes before its BeginReply
+            await conn.send(BeginReply(begin.request_id, True))
+            for msg in _prefill_messages(hf, begin.request_id)[:num_messages]:
+                await conn.send(msg)
+            if num_messages is None:
+                await asyncio.sleep(30)  # stays connected
+        return on_connection
+
+    hosts = [await serve("127.0.0.1", 0, lambda: make_hello("prefill", "m", "int8", 4), b"k", handler)
+             for handler in (prefill(None), prefill(2), prefill(0, answers=False))]
+    listener = await serve("127.0.0.1", 0, lambda: make_hello("decode", "m", "int8", 4), b"k", server.serve_router)
+    router = await connect("127.0.0.1", listener.sockets[0].getsockname()[1], make_hello("router", "m", "none", 1), b"k")
+    try:
+        t0 = time.monotonic()
+        for rid, host in zip(("whole", "broken", "unanswered"), hosts):
+            await router.send(Generate(rid, PROMPT, GREEDY, f"127.0.0.1:{host.sockets[0].getsockname()[1]}"))
+        finished, failed = set(), {}
+        while len(finished) + len(failed) < 3:
+            msg = await router.recv(timeout=10)
+            if isinstance(msg, ErrorMessage):
+                failed[msg.request_id] = msg.message
+            elif isinstance(msg, Tokens) and msg.finish_reason is not None:
+                finished.add(msg.request_id)
+            else:
+                assert isinstance(msg, (BeginReply, Tokens))
+        assert finished == {"whole"} and set(failed) == {"broken", "unanswered"}
+        assert "lost the prefill host" in failed["broken"] and "did not take the request" in failed["unanswered"]
+        assert time.monotonic() - t0 < 10
+        for _ in range(50):
+            if decode.kv_cache.allocator.num_free == 16:
+                break
+            await asyncio.sleep(0.02)
+        assert decode.kv_cache.allocator.num_free == 16 and not server.landing.pending
+    finally:
+        await router.close()
+        for host in (*hosts, listener):
+            host.close()
         server.worker.stop()

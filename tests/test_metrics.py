@@ -35,3 +35,14 @@ def test_label_values_are_escaped():
     c = Counter("hma:x_total", "x")
     c.inc(labels={"model": 'a"b\\c\nd'})
     assert 'hma:x_total{model="a\\"b\\\\c\\nd"} 1' in render([c])
+
+
+def test_hosts_report_the_kv_blocks_in_use_leaving_out_the_graphs_padding_block():
+    from hma.router import host_metrics
+
+    statuses = [("decode@a:1", {"running": 1, "waiting": 0, "num_blocks": 100, "num_free_blocks": 90,
+                                "num_reserved_blocks": 1}),
+                ("prefill@b:2", {"running": 0, "waiting": 0, "num_blocks": 50, "num_free_blocks": 50})]
+    text = render(host_metrics(statuses))
+    assert 'hma:kv_cache_used_blocks{host="decode@a:1"} 9' in text.splitlines()
+    assert 'hma:kv_cache_used_blocks{host="prefill@b:2"} 0' in text.splitlines()
