@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -26,10 +27,18 @@ from hma.kv_formats import AbsmaxFormat, BlockFloatFormat, CastFormat, Int4Forma
 # How the kernel dequantizes a payload element d of a (token, head), by format family
 # (tl.constexpr, so the kernels may read them).
 CAST, ABSMAX, INT4, BLOCK_SCALED = (tl.constexpr(i) for i in range(4))
-TOKENS_PER_TILE = 128      # tokens loaded per loop iteration (tuned on an H100, with the two below)
-NUM_WARPS, NUM_STAGES = 4, 3
 MIN_GROUP_ROWS = 16        # tl.dot wants at least 16 rows: the query heads of a group are padded
 MAX_PARTITION = 1024       # tokens per split at most, so long sequences spread over the GPU
+
+
+class DecodeConfig(NamedTuple):
+    """The attention kernel's launch: tokens per loop iteration, warps, software-pipeline stages.
+    The defaults won a sweep on an H100 and again on an H200 for every KV format
+    (`python -m hma bench attention`)."""
+
+    tile: int = 128
+    num_warps: int = 4
+    num_stages: int = 3
 
 
 def _family(fmt: KVFormat) -> tuple[int, int]:
@@ -244,6 +253,35 @@ def _store_kv_kernel(k_ptr, v_ptr, k_stride, v_stride, slots_ptr, k_pool, k_scal
                     DIM_ROWS, KIND, QMAX, ROUND)
 
 
+@triton.jit
+def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, cols, x_stride, QMAX: tl.constexpr, MIN_SCALE: tl.constexpr,
+                          ROUND: tl.constexpr, COLS: tl.constexpr):
+    """One row, in one pass: its absmax scale, then every value divided by it, clamped, cast."""
+    row = tl.program_id(0).to(tl.int64)
+    c = tl.arange(0, COLS)
+    mask = c < cols
+    x = tl.load(x_ptr + row * x_stride + c, mask=mask, other=0).to(tl.float32)
+    scale = tl.maximum(tl.math.div_rn(tl.max(tl.abs(x), axis=0), QMAX), MIN_SCALE)
+    q = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -QMAX), QMAX)
+    if ROUND:  # round half to even, exact for |q| < 2**22: what torch.round does
+        q = (q + 12582912.0) - 12582912.0
+    tl.store(q_ptr + row * cols + c, q.to(q_ptr.dtype.element_ty), mask=mask)
+    tl.store(scale_ptr + row, scale)
+
+
+def quantize_rows(x: torch.Tensor, mode: str, qmax: float, min_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """quant.quantize_rows for a (rows, cols) activation in one kernel: (q, scale (rows, 1) float32).
+    A compiled PyTorch version reads each row twice (amax, then divide), and at prefill sizes that
+    second pass costs about a third of the 8-bit matmul it feeds."""
+    rows, cols = x.shape
+    q = torch.empty(rows, cols, dtype=torch.float8_e4m3fn if mode == "fp8" else torch.int8, device=x.device)
+    scale = torch.empty(rows, 1, dtype=torch.float32, device=x.device)
+    width = triton.next_power_of_2(cols)
+    triton_launch(_quantize_rows_kernel, (rows,), x, q, scale, cols, x.stride(0), QMAX=qmax, MIN_SCALE=min_scale,
+                  ROUND=mode == "int8", COLS=width, num_warps=8 if width >= 4096 else 4)
+    return q, scale
+
+
 def can_write_kv(fmt: KVFormat) -> bool:
     """write_kv handles plain casts and one-scale (fp8, int8) formats; the rest take the PyTorch path."""
     return isinstance(fmt, (CastFormat, AbsmaxFormat))
@@ -272,16 +310,18 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def choose_partition(num_seqs: int, num_kv_heads: int, max_len: int, device: torch.device) -> int:
+def choose_partition(num_seqs: int, num_kv_heads: int, max_len: int, device: torch.device,
+                     tile: int = DecodeConfig().tile) -> int:
     """Tokens per split: enough splits for about two programs per SM, tiles whole, at most
     MAX_PARTITION. Depends on shapes only (no sync), so a CUDA graph can fix it at capture."""
     wanted_splits = -(-2 * _num_sms(device) // (num_seqs * num_kv_heads))
     partition = triton.next_power_of_2(max(1, -(-max_len // wanted_splits)))
-    return min(MAX_PARTITION, max(TOKENS_PER_TILE, partition))
+    return min(MAX_PARTITION, max(tile, partition))
 
 
 def paged_decode_attention(q: torch.Tensor, cache: LayerKV, block_tables: torch.Tensor,
-                           seq_lens: torch.Tensor, scale: float, partition: int | None = None) -> torch.Tensor:
+                           seq_lens: torch.Tensor, scale: float, partition: int | None = None,
+                           config: DecodeConfig = DecodeConfig()) -> torch.Tensor:
     """q (num_seqs, heads, head_dim) -> like q; block_tables (num_seqs, max_blocks), seq_lens
     (num_seqs,) on q's device. The grid covers max_blocks * block_size tokens; splits past a
     sequence's length exit at once."""
@@ -289,7 +329,7 @@ def paged_decode_attention(q: torch.Tensor, cache: LayerKV, block_tables: torch.
     _, block_size, num_kv_heads, payload_dim = cache.k.shape
     kind, group = _family(cache.format)
     max_len = block_tables.shape[1] * block_size
-    partition = partition or choose_partition(num_seqs, num_kv_heads, max_len, q.device)
+    partition = partition or choose_partition(num_seqs, num_kv_heads, max_len, q.device, config.tile)
     num_splits = -(-max_len // partition)
     dim_rows = max(16, triton.next_power_of_2(head_dim))  # tl.dot wants power-of-two sides of 16+
     q = q.contiguous()
@@ -307,10 +347,11 @@ def paged_decode_attention(q: torch.Tensor, cache: LayerKV, block_tables: torch.
         KIND=kind, GROUP=group,
         GROUP_ROWS=max(MIN_GROUP_ROWS, triton.next_power_of_2(num_heads // num_kv_heads)),
         # the split count is a runtime argument: as sequences grow the kernel is not recompiled
-        DIM_ROWS=dim_rows, TILE=TOKENS_PER_TILE, PARTITION=partition, IS_SPLIT=num_splits > 1,
+        DIM_ROWS=dim_rows, TILE=config.tile, PARTITION=partition, IS_SPLIT=num_splits > 1,
         # float32 models (the tests' reference runs) get full-precision dots, not TF32
         DOT_DTYPE=_dot_dtype(q.dtype, kind), DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        INTERPRETED=os.environ.get("TRITON_INTERPRET") == "1", num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+        INTERPRETED=os.environ.get("TRITON_INTERPRET") == "1", num_warps=config.num_warps,
+        num_stages=config.num_stages)
     if num_splits > 1:
         triton_launch(
             _merge_splits_kernel, (num_seqs * num_heads,), out, part_acc, part_max, part_sum, num_splits,

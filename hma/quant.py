@@ -146,8 +146,14 @@ class QuantizedLinear(nn.Module):
         return y[:num_tokens].to(x.dtype)
 
 
-# Unfused, the elementwise passes over the activations cost more than the 8-bit matmul saves.
-_quantize_rows_fused = gpu_fused(quantize_rows)
+def _quantize_rows_fused(x: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_rows in one Triton kernel on CUDA (unfused, the elementwise passes over the
+    activations cost more than the 8-bit matmul saves); the reference elsewhere."""
+    if not x.is_cuda or x.stride(-1) != 1:
+        return quantize_rows(x, mode)
+    from hma import kernels
+
+    return kernels.quantize_rows(x, mode, ROW_QMAX[mode], MIN_SCALE)
 
 
 @gpu_fused

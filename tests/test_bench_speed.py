@@ -33,3 +33,17 @@ def test_decode_reads_each_weight_once_and_only_the_tokens_rows_of_an_untied_emb
 def test_speed_benchmark_refuses_to_run_without_a_gpu():
     with pytest.raises(SystemExit, match="needs --device cuda"):
         main(["--device", "cpu"])
+
+
+def test_markdown_tables_show_each_point_its_floor_ratio_and_the_baseline():
+    from hma.bench.speed import markdown_tables
+
+    point = dict(kv_dtype="bf16", context_len=1024, step_s=0.004, floor_s=0.002, x_floor=2.0)
+    shape = {"shape": "qwen3-4b",
+             "decode": [{**point, "batch_size": 1}, {**point, "batch_size": 64, "skipped": "too big"}],
+             "prefill": [{"prefill_dtype": "fp8", "prompt_len": 512, "tok_s": 1234.4, "mfu_vs_bf16_peak": 0.1}],
+             "transformers": [{"batch_size": 1, "context_len": 1024, "step_s": 0.04}]}
+    text = markdown_tables([{"shapes": [shape]}])
+    assert "| bf16 | 1,024 | 4.00 (2.00) | does not fit |" in text
+    assert "| fp8 | 1,234 (10%) |" in text
+    assert "| qwen3-4b | 1 | 40.0 | 4.00 | 10.0 | 2.00 | 20.0 |" in text

@@ -215,8 +215,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--num-layers", type=int, default=None, help="cut the layer count (smoke runs)")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    parser.add_argument("--table", type=Path, nargs="+", default=None,
+                        help="print the README's markdown tables from saved --json runs, measure nothing")
     args = parser.parse_args(argv)
     ints = lambda text: [int(x) for x in text.split(",") if x]  # noqa: E731
+    if args.table:
+        runs = [json.loads(path.read_text()) for path in args.table]
+        print(markdown_tables(runs))
+        return {"runs": runs}
 
     device = resolve_device(args.device)
     if device.type != "cuda":
@@ -282,3 +288,49 @@ def _print_shape(result: dict) -> None:
         base = next(b for b in result["prefill"] if b["prompt_len"] == r["prompt_len"])
         print(f"{r['prefill_dtype']:>5} {r['prompt_len']:>6} {r['seconds'] * 1e3:>8.1f} {r['tok_s']:>9,.0f} "
               f"{r['tflop_per_s']:>8.0f} {r['mfu_vs_bf16_peak']:>5.0%} {base['seconds'] / r['seconds']:>6.2f}")
+
+
+def markdown_tables(runs: list[dict]) -> str:
+    """Decode (ms and x floor), prefill (tok/s and MFU) and the transformers baseline, per shape."""
+    out = []
+    for run in runs:
+        for shape in run["shapes"]:
+            out += _decode_table(shape) + _prefill_table(shape) + _baseline_table(shape)
+    return "\n".join(out)
+
+
+def _decode_table(shape: dict) -> list[str]:
+    batches = sorted({r["batch_size"] for r in shape["decode"]})
+    lines = [f"Decode step, {shape['shape']}: ms (x floor)", "",
+             "| KV | context | " + " | ".join(f"batch {b}" for b in batches) + " |",
+             "|---|---:|" + "---:|" * len(batches)]
+    for (kv, context) in dict.fromkeys((r["kv_dtype"], r["context_len"]) for r in shape["decode"]):
+        cells = {r["batch_size"]: ("does not fit" if "skipped" in r else f"{r['step_s'] * 1e3:.2f} ({r['x_floor']:.2f})")
+                 for r in shape["decode"] if (r["kv_dtype"], r["context_len"]) == (kv, context)}
+        lines.append(f"| {kv} | {context:,} | " + " | ".join(cells.get(b, "") for b in batches) + " |")
+    return lines + [""]
+
+
+def _prefill_table(shape: dict) -> list[str]:
+    lens = sorted({r["prompt_len"] for r in shape["prefill"]})
+    lines = [f"Prefill, {shape['shape']} (one prompt): tokens/s (MFU against the bf16 peak)", "",
+             "| prefill | " + " | ".join(f"{n:,} tokens" for n in lens) + " |", "|---|" + "---:|" * len(lens)]
+    for mode in dict.fromkeys(r["prefill_dtype"] for r in shape["prefill"]):
+        cells = {r["prompt_len"]: f"{r['tok_s']:,.0f} ({r['mfu_vs_bf16_peak']:.0%})"
+                 for r in shape["prefill"] if r["prefill_dtype"] == mode}
+        lines.append(f"| {mode} | " + " | ".join(cells[n] for n in lens) + " |")
+    return lines + [""]
+
+
+def _baseline_table(shape: dict) -> list[str]:
+    if not shape["transformers"]:
+        return []
+    lines = ["| shape | batch | transformers ms/step | ours (bf16 KV) ms/step | x transformers | floor ms | most possible x |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for base in shape["transformers"]:
+        ours = next(r for r in shape["decode"] if r["kv_dtype"] == "bf16" and "skipped" not in r
+                    and (r["batch_size"], r["context_len"]) == (base["batch_size"], base["context_len"]))
+        lines.append(f"| {shape['shape']} | {base['batch_size']} | {base['step_s'] * 1e3:.1f} | {ours['step_s'] * 1e3:.2f} | "
+                     f"{base['step_s'] / ours['step_s']:.1f} | {ours['floor_s'] * 1e3:.2f} | "
+                     f"{base['step_s'] / ours['floor_s']:.1f} |")
+    return lines + [""]

@@ -1,0 +1,142 @@
+"""The fused decode attention kernel alone: every launch configuration on one layer, per KV format.
+
+`python -m hma bench attention --device cuda --json attention.json`
+One layer of a Qwen3 shape (8 KV heads, 32 query heads, head_dim 128), batch x context tokens
+in shuffled blocks, one decode query per sequence. For each KV format and each configuration
+(tokens per tile, warps, software-pipeline stages) it
+reports the median kernel time and the bytes read per second (payload and scales) against the
+GPU's copy bandwidth measured in the same run, checks every output against the kernel's default
+configuration, and names the fastest per format (`kernels.DecodeConfig`'s defaults are the pick).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from hma import kernels
+from hma.attention import write_kv
+from hma.bench.speed import COPY_BYTES, machine_name, median_seconds
+from hma.engine import resolve_device
+from hma.kernels import DecodeConfig
+from hma.kv_cache import LayerKV
+from hma.kv_formats import get_kv_format
+
+BLOCK_SIZE = 16
+FILL_TOKENS = 1 << 16  # tokens written per call while filling the pools
+
+
+def candidates(tiles: list[int], warps: list[int], stages: list[int]) -> list[DecodeConfig]:
+    return [DecodeConfig(t, w, s) for t, w, s in itertools.product(tiles, warps, stages)]
+
+
+def filled_layer(kv_dtype: str, num_tokens: int, num_kv_heads: int, head_dim: int,
+                 device: torch.device) -> LayerKV:
+    """Pools of random K/V (written through the real quantizing path) for num_tokens tokens."""
+    layer = LayerKV.empty(get_kv_format(kv_dtype), num_tokens // BLOCK_SIZE, BLOCK_SIZE, num_kv_heads, head_dim, device)
+    gen = torch.Generator(device).manual_seed(0)
+    for start in range(0, num_tokens, FILL_TOKENS):
+        n = min(FILL_TOKENS, num_tokens - start)
+        k, v = torch.randn(2, n, num_kv_heads, head_dim, device=device, dtype=torch.bfloat16, generator=gen)
+        write_kv(layer, k, v, torch.arange(start, start + n, device=device))
+    return layer
+
+
+def sweep(kv_dtype: str, configs: list[DecodeConfig], batch: int, context: int, device: torch.device,
+          iters: int, attend: Callable = kernels.paged_decode_attention) -> list[dict]:
+    """Times every config on one layer; attend(q, layer, tables, lens, scale, config=...) is the kernel."""
+    num_heads, num_kv_heads, head_dim = 32, 8, 128
+    layer = filled_layer(kv_dtype, batch * context, num_kv_heads, head_dim, device)
+    order = torch.randperm(batch * context // BLOCK_SIZE, device=device)
+    tables = order.view(batch, context // BLOCK_SIZE)
+    lens = torch.full((batch,), context, device=device)
+    q = torch.randn(batch, num_heads, head_dim, device=device, dtype=torch.bfloat16)
+    nbytes = sum(t.numel() * t.element_size() for t in layer.tensors)
+    run = lambda config: attend(q, layer, tables, lens, head_dim ** -0.5, config=config)  # noqa: E731
+    expected = run(DecodeConfig()).float()
+    rows = []
+    for config in configs:
+        try:
+            error = (run(config).float() - expected).abs().max().item()
+            seconds = kernel_seconds(lambda: run(config), device, iters)
+        except Exception as exc:  # a config the compiler rejects (shared memory, registers) is listed, not fatal
+            rows.append({"kv_dtype": kv_dtype, **config._asdict(), "failed": f"{type(exc).__name__}: {exc}"[:200]})
+            continue
+        rows.append({"kv_dtype": kv_dtype, **config._asdict(), "seconds": seconds,
+                     "bytes_per_s": nbytes / seconds, "max_abs_diff": error})
+    return rows
+
+
+def kernel_seconds(fn: Callable[[], object], device: torch.device, iters: int) -> float:
+    """Median time of fn on the GPU from CUDA events, L2 flushed between runs (triton's do_bench):
+    a host sync per run, as median_seconds does, would add the launch latency to a ~0.3 ms kernel."""
+    if device.type != "cuda":
+        return median_seconds(fn, device, iters)
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=5, rep=max(1, iters) * 2, return_mode="median") / 1e3
+
+
+def fastest(rows: list[dict], tolerance: float = 0.05) -> DecodeConfig:
+    """The quickest config whose output stays within tolerance of the default's."""
+    ok = [r for r in rows if "seconds" in r and r["max_abs_diff"] <= tolerance]
+    best = min(ok, key=lambda r: r["seconds"])
+    return DecodeConfig(*(best[f] for f in DecodeConfig._fields))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m hma bench attention", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--kv-dtypes", default="bf16,fp8,int8,int4")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--context", type=int, default=4096)
+    parser.add_argument("--tiles", default="64,128")
+    parser.add_argument("--warps", default="4,8")
+    parser.add_argument("--stages", default="2,3")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    ints = lambda text: [int(x) for x in text.split(",") if x]  # noqa: E731
+    device = resolve_device(args.device)
+    if device.type != "cuda":
+        raise SystemExit("bench attention times a GPU kernel: it needs --device cuda")
+    src = torch.empty(COPY_BYTES, dtype=torch.uint8, device=device)
+    copy = 2 * COPY_BYTES / median_seconds(lambda: torch.empty_like(src).copy_(src), device, args.iters)
+    del src
+    configs = candidates(ints(args.tiles), ints(args.warps), ints(args.stages))
+    rows, best = [], {}
+    for kv_dtype in args.kv_dtypes.split(","):
+        found = sweep(kv_dtype, configs, args.batch_size, args.context, device, args.iters)
+        best[kv_dtype] = fastest(found)._asdict()
+        rows += found
+        torch.cuda.empty_cache()
+    out = {"machine": machine_name(device), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+           "batch_size": args.batch_size, "context": args.context, "copy_bytes_per_s": copy,
+           "rows": rows, "fastest": best}
+    _print(out)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(out, indent=2))
+    return out
+
+
+def _print(out: dict) -> None:
+    print(f"decode attention, one layer, {out['batch_size']} x {out['context']} tokens, {out['machine']}; "
+          f"copy {out['copy_bytes_per_s'] / 1e12:.2f} TB/s")
+    print(f"{'kv':>5} {'tile':>4} {'warps':>5} {'stages':>6} {'us':>8} {'TB/s':>6} {'x copy':>6}")
+    for r in out["rows"]:
+        head = f"{r['kv_dtype']:>5} {r['tile']:>4} {r['num_warps']:>5} {r['num_stages']:>6}"
+        if "failed" in r:
+            print(f"{head}  failed: {r['failed']}")
+            continue
+        print(f"{head} {r['seconds'] * 1e6:>8.1f} {r['bytes_per_s'] / 1e12:>6.2f} "
+              f"{r['bytes_per_s'] / out['copy_bytes_per_s']:>6.2f}")
+    for kv_dtype, config in out["fastest"].items():
+        print(f"fastest for {kv_dtype}: {config}")
