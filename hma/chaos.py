@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import json
 import re
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -32,14 +33,15 @@ PROMPTS = ["The capital of France is", "Water boils at a temperature of", "The l
            "A haiku about the sea:", "def add(a, b):", "The opposite of hot is", "Monday, Tuesday,",
            "The chemical symbol for gold is"]
 KV_FLAGS = ["--kv-dtype", "int8", "--kv-memory-gb", "0.05"]
-LANDING_TIMEOUT_S = 10.0  # the decode hosts': how long a stalled stream holds its request
 NUM_HOSTS = 4
 # (share of requests done, action, argument): corrupt/truncate/stall the next chunk through proxy i
-# (None: every proxy), slow it until "pass", or SIGKILL a host and start it again
+# (None: every proxy), slow it until "pass", SIGKILL a host and start it again, or SIGTERM one (it
+# drains) and start it again once it has exited
 SCHEDULE = [(0.05, "corrupt", 0), (0.10, "corrupt", 1), (0.15, "truncate", 1), (0.20, "kill", "prefill-1"),
-            (0.28, "slow", 0), (0.36, "pass", None), (0.40, "stall", 0), (0.48, "kill", "decode-1"),
-            (0.55, "truncate", 0), (0.62, "corrupt", None), (0.68, "kill", "prefill"), (0.75, "stall", 1),
-            (0.82, "corrupt", None), (0.88, "kill", "decode")]
+            (0.28, "slow", 0), (0.33, "term", "decode"), (0.36, "pass", None), (0.40, "stall", 0),
+            (0.48, "kill", "decode-1"), (0.52, "term", "prefill-1"), (0.55, "truncate", 0),
+            (0.62, "corrupt", None), (0.68, "kill", "prefill"), (0.75, "stall", 1), (0.82, "corrupt", None),
+            (0.88, "kill", "decode")]
 
 
 def reference_outputs(max_tokens: int) -> dict[str, str]:
@@ -85,6 +87,14 @@ class Chaos:
         self.done = self.in_flight = 0
         self.events: list[str] = []
         self.steps = list(SCHEDULE)
+        self.restarts: list[threading.Thread] = []
+
+    def _term_and_restart(self, name: str, done: int, in_flight: int) -> None:
+        t0 = time.monotonic()
+        status = self.cluster.terminate(name)
+        self.cluster.respawn(name)
+        self.events.append(f"SIGTERM {name} at request {done} ({in_flight} in flight): drained and exited "
+                           f"with {status} after {time.monotonic() - t0:.1f} s, restarted")
 
     def advance(self) -> None:
         """Runs every scheduled action whose share of requests is done."""
@@ -95,6 +105,9 @@ class Chaos:
                 self.cluster.kill(arg)
                 self.cluster.respawn(arg)
                 self.events.append(f"SIGKILL {arg} at request {self.done} ({self.in_flight} in flight), restarted")
+            elif action == "term":  # draining takes a while: the requests keep going meanwhile
+                self.restarts.append(threading.Thread(target=self._term_and_restart, args=(arg, self.done, self.in_flight)))
+                self.restarts[-1].start()
             else:
                 self.proxies.set_mode(action, arg)
                 if action != "pass":
@@ -163,7 +176,7 @@ def run(args: argparse.Namespace) -> dict:
     expected = reference_outputs(args.max_tokens)
     proxies = ProxyThread(args.seed)
     cluster = LocalCluster(num_prefill=2, num_decode=2, prefill_flags=KV_FLAGS, route_prefill=proxies.add,
-                           decode_flags=[*KV_FLAGS, "--landing-timeout-s", str(LANDING_TIMEOUT_S)])
+                           decode_flags=[*KV_FLAGS, "--landing-timeout-s", str(args.landing_timeout_s)])
     try:
         cluster.start()
         print(f"cluster up (logs in {cluster.log_dir}); {args.requests} requests, {args.concurrency} at a time",
@@ -171,6 +184,8 @@ def run(args: argparse.Namespace) -> dict:
         chaos = Chaos(cluster, proxies, args.requests)
         start = time.monotonic()
         outcomes = asyncio.run(drive(chaos, args, expected))
+        for restart in chaos.restarts:
+            restart.join()
         duration = time.monotonic() - start
         proxies.set_mode("pass")
         held = asyncio.run(blocks_held(cluster.url, args.settle_timeout_s))
@@ -217,6 +232,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--request-timeout-s", type=float, default=180.0, help="longer than this counts as hung")
     parser.add_argument("--settle-timeout-s", type=float, default=90.0, help="wait for hosts to be back and idle")
+    parser.add_argument("--landing-timeout-s", type=float, default=10.0,
+                        help="the decode hosts': how long a stalled KV stream holds its request")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None)
     return parser.parse_args(argv)

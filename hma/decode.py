@@ -154,6 +154,15 @@ class DecodeServer:
         self.timelines: OrderedDict[str, dict] = OrderedDict()
         self.kv_bytes_received = 0
         self.num_requests_finished = 0
+        self.in_flight: set[asyncio.Task] = set()  # every router's requests being served
+        self.draining = False  # SIGTERM: new requests are refused for now, those in flight finish
+
+    async def drain(self) -> None:
+        """Refuses new requests (retryable: routers place them elsewhere); returns once the
+        requests in flight have ended."""
+        self.draining = True
+        while self.in_flight:
+            await asyncio.sleep(0.05)
 
     async def serve_router(self, conn: Connection) -> None:
         """Serves one router until it leaves or breaks; its requests in flight are then aborted."""
@@ -163,8 +172,12 @@ class DecodeServer:
         requests: dict[str, asyncio.Task] = {}
 
         async def handle(msg: Message) -> None:
-            if isinstance(msg, Generate) and msg.request_id not in requests:
+            if isinstance(msg, Generate) and self.draining:
+                await conn.send(BeginReply(msg.request_id, False, "this decode host is shutting down", retryable=True))
+            elif isinstance(msg, Generate) and msg.request_id not in requests:
                 task = requests[msg.request_id] = asyncio.create_task(self._serve_request(conn, msg))
+                self.in_flight.add(task)
+                task.add_done_callback(self.in_flight.discard)
                 task.add_done_callback(lambda _, rid=msg.request_id: requests.pop(rid, None))
             elif isinstance(msg, Abort):
                 if msg.request_id in requests:
@@ -374,7 +387,7 @@ def _close_if_stalled(link: Connection, received_before: int, request_id: str) -
     closing it fails what else it fed (its reader does that), and the next request opens a new one."""
     if link.bytes_received == received_before and not link.writer.is_closing():
         log.warning("closing stalled link peer=%s request_id=%s", link.peer_name, request_id)
-        link.writer.close()
+        link.abort()
 
 
 async def _send_tokens(conn: Connection, out: RequestOutput, num_sent: int) -> int:
@@ -395,6 +408,6 @@ async def serve_decode(engine_config: EngineConfig, host_config: HostConfig) -> 
     server.worker.start()
     try:
         await listen_until_stopped(host_config.host, host_config.port or DEFAULT_PORTS["decode"], hello,
-                                   secret, server.serve_router)
+                                   secret, server.serve_router, server.drain)
     finally:
         server.worker.stop()

@@ -1,6 +1,8 @@
 """What every host process shares at start-up: timed phases in the log, the shared secret, and
 listening for authenticated peers. A host listens only once it is loaded and warm, so a router
-that completes a handshake with it knows it is ready (that is what /health reports).
+that completes a handshake with it knows it is ready (that is what /health reports). On SIGTERM
+(or SIGINT) a host stops listening, refuses new requests (for now: routers place them elsewhere)
+and lets those in flight finish, up to DRAIN_TIMEOUT_S, before it closes its connections and exits.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from hma.wire import Hello, make_hello
 log = logging.getLogger(__name__)
 
 SECRET_ENV = "HMA_SECRET"
+DRAIN_TIMEOUT_S = 30.0  # on SIGTERM, the longest a host waits for its requests in flight
 DEFAULT_PORTS = {"prefill": 8100, "decode": 8200}
 
 
@@ -64,14 +67,26 @@ def load_engine(config: EngineConfig, role: str) -> tuple[LLMEngine, Callable[[]
 
 
 async def listen_until_stopped(host: str, port: int, hello: Callable[[], Hello], secret: bytes,
-                               on_connection: Callable[[Connection], Awaitable[None]]) -> None:
-    """Accepts peers until SIGINT or SIGTERM."""
+                               on_connection: Callable[[Connection], Awaitable[None]],
+                               drain: Callable[[], Awaitable[None]]) -> None:
+    """Accepts peers until SIGINT or SIGTERM; then stops listening and awaits drain() (which refuses
+    new work and returns once the work in flight is done) for up to DRAIN_TIMEOUT_S."""
     server = await serve(host, port, hello, secret, on_connection)
     bound = server.sockets[0].getsockname()
-    log.info("listening role=%s address=%s:%d", hello().role, bound[0], bound[1])
-    async with server:
+    role = hello().role
+    log.info("listening role=%s address=%s:%d", role, bound[0], bound[1])
+    try:
         await wait_for_stop_signal()
-    log.info("stopped role=%s", hello().role)
+    finally:
+        # No new peers; those connected keep their connections while draining (Server.wait_closed
+        # is not awaited: from Python 3.12 it waits for every connection, and routers never leave).
+        server.close()
+    log.info("draining role=%s", role)
+    try:
+        await asyncio.wait_for(drain(), DRAIN_TIMEOUT_S)
+    except TimeoutError:
+        log.warning("stopping role=%s with work still in flight after %.0f s", role, DRAIN_TIMEOUT_S)
+    log.info("stopped role=%s", role)
 
 
 async def wait_for_stop_signal() -> None:

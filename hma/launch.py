@@ -87,6 +87,11 @@ class LocalCluster:
         self.processes[name].kill()
         self.processes[name].wait()
 
+    def terminate(self, name: str, timeout: float = STOP_GRACE_S * 4) -> int:
+        """SIGTERM, then waits for the process to drain and exit; returns its exit status."""
+        self.processes[name].terminate()
+        return self.processes[name].wait(timeout)
+
     def respawn(self, name: str) -> None:
         """Starts a killed process again with its first command (same port); its log continues."""
         role, flags = self.commands[name]

@@ -138,6 +138,14 @@ class PrefillServer:
         self.kv_bytes_sent = 0
         self.has_work = asyncio.Event()
         self.model_thread = ThreadPoolExecutor(1, thread_name_prefix="hma-prefill")
+        self.draining = False  # SIGTERM: new prompts are refused for now, queued ones still run
+
+    async def drain(self) -> None:
+        """Refuses new prompts (retryable: decode hosts ask another prefill host); returns once
+        every queued and running prompt's KV has been sent."""
+        self.draining = True
+        while self.jobs or self.num_running:
+            await asyncio.sleep(0.05)
 
     async def serve_peer(self, conn: Connection) -> None:
         """Serves one decode host (or the router's queries) until it leaves or breaks; its queued
@@ -165,6 +173,8 @@ class PrefillServer:
     def _begin(self, msg: RequestBegin, outbox: asyncio.Queue) -> BeginReply:
         """Queues a prompt, or refuses one this host can never prefill."""
         need = blocks_for(len(msg.prompt_token_ids), self.cache.block_size)
+        if self.draining:
+            return BeginReply(msg.request_id, False, "this prefill host is shutting down", retryable=True)
         if msg.request_id in self.jobs:
             return BeginReply(msg.request_id, False, f"request {msg.request_id} is already here")
         if msg.kv_format != self.cache.format.name:
@@ -200,9 +210,9 @@ class PrefillServer:
             before = conn.bytes_sent
             try:
                 await conn.send(msg)
-            except (OSError, TimeoutError) as exc:
-                log.warning("send failed peer=%s reason=%s", conn.peer_name, exc or type(exc).__name__)
-                conn.writer.close()  # the reader sees it and drops the peer's requests
+            except (OSError, TimeoutError) as exc:  # TimeoutError: the write deadline (DRAIN_TIMEOUT_S)
+                log.warning("send failed peer=%s reason=%s", conn.peer_name, str(exc) or type(exc).__name__)
+                conn.abort()  # the reader sees it and drops the peer's requests
                 return
             if isinstance(msg, KVLayer):
                 self.kv_bytes_sent += conn.bytes_sent - before
@@ -292,6 +302,6 @@ async def serve_prefill(engine_config: EngineConfig, host_config: HostConfig) ->
     batches = asyncio.create_task(server.run())
     try:
         await listen_until_stopped(host_config.host, host_config.port or DEFAULT_PORTS["prefill"], hello,
-                                   secret, server.serve_peer)
+                                   secret, server.serve_peer, server.drain)
     finally:
         batches.cancel()

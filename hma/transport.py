@@ -73,6 +73,11 @@ class Connection:
         self.bytes_received += self.last_frame_bytes
         return msg
 
+    def abort(self) -> None:
+        """Drops the connection at once, unsent bytes included: close() would wait for a peer that
+        stopped reading to take them, and its reader would never see the end."""
+        self.writer.transport.abort()
+
     async def close(self) -> None:
         self.writer.close()
         try:

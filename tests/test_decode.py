@@ -1,3 +1,5 @@
+import pytest
+
 from hma.batch import Batch, SeqChunk
 from hma.decode import KVLanding
 from hma.engine import run_to_completion
@@ -172,4 +174,67 @@ async def test_losing_one_prefill_peer_fails_only_its_requests_and_at_once():
         await router.close()
         for host in (*hosts, listener):
             host.close()
+        server.worker.stop()
+
+
+async def test_sigterm_refuses_new_requests_and_finishes_those_in_flight_then_exits():
+    import asyncio
+    import os
+    import signal
+
+    from hma.decode import DecodeServer
+    from hma.host import listen_until_stopped
+    from hma.launch import free_port
+    from hma.transport import connect, serve
+    from hma.wire import BeginReply, Generate, Tokens, make_hello
+
+    hf = tiny_hf_model("Qwen3ForCausalLM")
+    decode = engine_from_hf(hf, num_blocks=16, block_size=4, kv_dtype="int8")
+    hello = lambda: make_hello("decode", "m", "int8", 4)  # noqa: E731
+    server = DecodeServer(decode, hello, b"k")
+    server.worker.start()
+    release = asyncio.Event()
+
+    async def prefill(conn) -> None:  # takes the request; sends its KV once released
+        begin = await conn.recv()
+        await conn.send(BeginReply(begin.request_id, True))
+        await release.wait()
+        for msg in _prefill_messages(hf, begin.request_id):
+            await conn.send(msg)
+        await asyncio.sleep(30)
+
+    prefill_host = await serve("127.0.0.1", 0, lambda: make_hello("prefill", "m", "int8", 4), b"k", prefill)
+    address = f"127.0.0.1:{prefill_host.sockets[0].getsockname()[1]}"
+    port = free_port()
+    host = asyncio.create_task(listen_until_stopped("127.0.0.1", port, hello, b"k", server.serve_router, server.drain))
+    router = None
+    try:
+        async with asyncio.timeout(10):
+            while router is None:
+                try:
+                    router = await connect("127.0.0.1", port, make_hello("router", "m", "none", 1), b"k")
+                except OSError:
+                    await asyncio.sleep(0.02)
+        await router.send(Generate("in-flight", PROMPT, GREEDY, address))
+        assert (await router.recv(timeout=10)).accepted
+        os.kill(os.getpid(), signal.SIGTERM)
+        await asyncio.sleep(0.2)
+        await router.send(Generate("late", PROMPT, GREEDY, address))
+        refused = await router.recv(timeout=10)
+        assert not refused.accepted and refused.retryable and "shutting down" in refused.reason
+        assert not host.done()  # still draining
+        release.set()
+        tokens = []
+        while not tokens or tokens[-1].finish_reason is None:
+            tokens.append(await router.recv(timeout=10))
+            assert isinstance(tokens[-1], Tokens)
+        assert sum(len(t.token_ids) for t in tokens) == GREEDY["max_tokens"]
+        await asyncio.wait_for(host, 5)  # drained: the host's main returns
+        with pytest.raises(OSError):
+            await asyncio.open_connection("127.0.0.1", port)  # and listens no more
+    finally:
+        host.cancel()
+        if router is not None:
+            await router.close()
+        prefill_host.close()
         server.worker.stop()

@@ -64,3 +64,62 @@ async def test_batched_prefill_in_a_worker_lands_on_a_decode_engine_as_colocated
         alone = run_to_completion(engine_from_hf(hf, kv_dtype="int8"), [PROMPTS[req.request_id]],
                                   SamplingParams(**GREEDY))[0]
         assert req.output_token_ids == alone.token_ids
+
+
+async def test_a_decode_peer_that_stops_reading_loses_its_connection_and_its_requests(monkeypatch):
+    """Write deadline: KV for a peer that takes nothing is not buffered for ever; once a send has
+    waited DRAIN_TIMEOUT_S the connection is dropped, with its requests, and every block is free."""
+    import hma.transport
+    from hma.prefill import PrefillServer
+    from hma.transport import connect, serve
+    from hma.wire import make_hello
+
+    monkeypatch.setattr(hma.transport, "DRAIN_TIMEOUT_S", 0.5)
+    engine = engine_from_hf(tiny_hf_model("Qwen3ForCausalLM"), num_blocks=1024, block_size=4, kv_dtype="fp32")
+    server = PrefillServer(engine)
+    batches = asyncio.create_task(server.run())
+    listener = await serve("127.0.0.1", 0, lambda: make_hello("prefill", "m", "fp32", 4), b"k", server.serve_peer)
+    peer = await connect("127.0.0.1", listener.sockets[0].getsockname()[1], make_hello("decode", "m", "fp32", 1), b"k")
+    try:
+        peer.writer.transport.pause_reading()  # a decode host that stopped reading: its socket fills up
+        for i in range(8):  # about 4.6 MB of KV
+            await peer.send(RequestBegin(f"r{i}", [1 + t % 250 for t in range(500)], GREEDY, 3, "fp32", 2, 24))
+        async with asyncio.timeout(20):  # all taken, then dropped with the connection
+            while server.jobs or server.num_running or server.waiting or not server.kv_bytes_sent:
+                await asyncio.sleep(0.05)
+        assert engine.kv_cache.allocator.num_free == 1024
+    finally:
+        batches.cancel()
+        peer.writer.transport.abort()
+        listener.close()
+
+
+async def test_a_draining_prefill_host_refuses_new_prompts_and_sends_the_queued_ones():
+    from hma.prefill import PrefillServer
+    from hma.transport import connect, serve
+    from hma.wire import BeginReply, make_hello
+
+    engine = engine_from_hf(tiny_hf_model("Qwen3ForCausalLM"), num_blocks=64, block_size=4, kv_dtype="int8")
+    server = PrefillServer(engine)
+    listener = await serve("127.0.0.1", 0, lambda: make_hello("prefill", "m", "int8", 4), b"k", server.serve_peer)
+    peer = await connect("127.0.0.1", listener.sockets[0].getsockname()[1], make_hello("decode", "m", "int8", 4), b"k")
+    batches = None
+    try:
+        await peer.send(RequestBegin("queued", PROMPTS["a"], GREEDY, 3, "int8", 2, 24))
+        assert (await peer.recv(timeout=5)).accepted
+        drained = asyncio.create_task(server.drain())  # what SIGTERM starts
+        await peer.send(RequestBegin("late", PROMPTS["b"], GREEDY, 3, "int8", 2, 24))
+        refused = await peer.recv(timeout=5)
+        assert isinstance(refused, BeginReply) and not refused.accepted and refused.retryable
+        await asyncio.sleep(0.1)
+        assert not drained.done()  # the queued prompt is not prefilled yet
+        batches = asyncio.create_task(server.run())
+        received = [await peer.recv(timeout=10) for _ in range(3 + 2)]  # every layer, first token, end
+        assert [type(m) for m in received] == [KVLayer] * 3 + [FirstToken, RequestEnd]
+        await asyncio.wait_for(drained, 5)
+        assert engine.kv_cache.allocator.num_free == 64
+    finally:
+        if batches is not None:
+            batches.cancel()
+        await peer.close()
+        listener.close()
