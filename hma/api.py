@@ -16,6 +16,8 @@ from hma.errors import HMAError, InvalidRequestError, ModelNotFoundError
 from hma.sampling import SamplingParams
 
 MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 1024               # per stop string: each is searched for in the text at every step
+MAX_STOP_TOKEN_IDS = 256            # each is checked against every new token
 MAX_TOKEN_ID = 2**31 - 1            # token ids and top_k live in int32/int64 tensors downstream
 SEED_RANGE = (-(2**63), 2**63 - 1)  # vLLM's: an int64
 GREEDY_BELOW_TEMPERATURE = 1e-5     # vLLM's _SAMPLING_EPS: logits / 1e-300 would overflow to inf
@@ -107,6 +109,9 @@ def _build(body: dict, off_fields: tuple[str, ...], strict: bool, **fields: obje
     top_k = _int(body, "top_k", -1, minimum=-1)
     stream = _bool(body, "stream", False)
     stop_token_ids = body.get("stop_token_ids")
+    if isinstance(stop_token_ids, list) and len(stop_token_ids) > MAX_STOP_TOKEN_IDS:
+        raise _bad("stop_token_ids", f"'stop_token_ids' holds {len(stop_token_ids)} ids; at most "
+                                     f"{MAX_STOP_TOKEN_IDS} are allowed")
     return CompletionRequest(
         **fields,
         temperature=_number(body, "temperature", 1.0, lambda t: t >= 0, "at least 0"),
@@ -198,6 +203,9 @@ def _parse_stop(stop: object) -> list[str]:
         raise _bad("stop", "'stop' must be a non-empty string or a list of them")
     if len(stop) > MAX_STOP_STRINGS:
         raise _bad("stop", f"'stop' holds {len(stop)} strings; at most {MAX_STOP_STRINGS} are allowed")
+    if max(map(len, stop), default=0) > MAX_STOP_CHARS:
+        raise _bad("stop", f"a stop string is {max(map(len, stop))} characters long; at most {MAX_STOP_CHARS} "
+                           "are allowed")
     return stop
 
 

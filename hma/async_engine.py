@@ -67,6 +67,10 @@ class AsyncEngine:
         return self.engine.max_model_len
 
     @property
+    def vocab_size(self) -> int:
+        return self.engine.model.config.vocab_size
+
+    @property
     def is_ready(self) -> bool:
         return self._thread.is_alive()
 
@@ -77,7 +81,8 @@ class AsyncEngine:
         return {"running": len(scheduler.running), "waiting": len(scheduler.waiting),
                 "num_blocks": cache.num_blocks, "num_free_blocks": cache.allocator.num_free,
                 "num_reserved_blocks": int(self.engine.graphs is not None),
-                "kv_format": cache.format.name, "max_model_len": self.engine.max_model_len}
+                "kv_format": cache.format.name, "max_model_len": self.engine.max_model_len,
+                "vocab_size": self.vocab_size}
 
     async def host_status(self) -> list[tuple[str, dict]]:
         """This engine's status, named as a host (the router's /metrics asks every backend)."""

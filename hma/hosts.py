@@ -156,6 +156,11 @@ class Cluster:
         """The longest request every decode host can hold (0 until one is connected)."""
         return min((h.status["max_model_len"] for h in self.decodes if h.conn), default=0)
 
+    @property
+    def vocab_size(self) -> int:
+        """Prompt token ids must lie below it (0 until a decode host that reports it is connected)."""
+        return min((h.status.get("vocab_size", 0) for h in self.decodes if h.conn), default=0)
+
     async def generate(self, prompt: dict, params: SamplingParams,
                        request_id: str) -> AsyncIterator[RequestOutput]:
         """Places the request, then yields its output as each batch of tokens arrives. If it fails

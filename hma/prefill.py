@@ -131,6 +131,7 @@ class PrefillServer:
     def __init__(self, engine: LLMEngine, pipeline: bool = True) -> None:
         self.model, self.cache, self.config = engine.model, engine.kv_cache, engine.config
         self.max_model_len = engine.max_model_len
+        self.vocab_size = engine.model.config.vocab_size
         self.pipeline = pipeline
         self.waiting: deque[PrefillJob] = deque()
         self.jobs: dict[str, PrefillJob] = {}  # waiting or running; an aborted job leaves at once
@@ -183,6 +184,8 @@ class PrefillServer:
         if not msg.prompt_token_ids or len(msg.prompt_token_ids) > self.max_model_len or need > self.cache.num_blocks:
             return BeginReply(msg.request_id, False, f"a prompt of {len(msg.prompt_token_ids)} tokens does not "
                               f"fit this prefill host (max_model_len={self.max_model_len})")
+        if max(msg.prompt_token_ids) >= self.vocab_size:  # it would fail every prompt batched with it
+            return BeginReply(msg.request_id, False, f"prompt token ids must lie in [0, {self.vocab_size})")
         try:
             params = SamplingParams(**msg.sampling)
         except (TypeError, HMAError) as exc:

@@ -158,6 +158,9 @@ class Router:
         max_model_len = self.backend.max_model_len
         if not max_model_len:
             raise ServiceUnavailableError("no decode host is connected yet; see /health")
+        vocab_size = self.backend.vocab_size
+        if vocab_size and max(ids, default=0) >= vocab_size:  # caught here, a bad id would fail its whole prefill batch
+            raise InvalidRequestError(f"prompt token ids must lie in [0, {vocab_size}); got {max(ids)}", "prompt")
         room = max_model_len - len(ids)
         if room < 1 or (parsed.max_tokens or 0) > room:
             raise RequestTooLargeError(f"the prompt has {len(ids)} tokens and asks for {parsed.max_tokens} "

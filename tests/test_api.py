@@ -112,6 +112,8 @@ def test_body_that_is_not_an_object_is_rejected(body):
     ({"stop": 3}, "stop"),
     ({"stop": [""]}, "stop"),
     ({"stop": [str(i) for i in range(17)]}, "stop"),
+    ({"stop": ["x" * 1025]}, "stop"),
+    ({"stop_token_ids": list(range(257))}, "stop_token_ids"),
     ({"stop_token_ids": [1.0]}, "stop_token_ids"),
     ({"stop_token_ids": 0}, "stop_token_ids"),
     ({"logprobs": 5}, "logprobs"),

@@ -29,6 +29,7 @@ class EchoBackend:
     """Finishes every request at once with one token; counts what is running (must end at 0)."""
 
     max_model_len = MAX_MODEL_LEN
+    vocab_size = 1000
     is_ready = True
 
     def __init__(self) -> None:

@@ -123,3 +123,11 @@ async def test_a_draining_prefill_host_refuses_new_prompts_and_sends_the_queued_
             batches.cancel()
         await peer.close()
         listener.close()
+
+
+def test_a_prompt_with_a_token_id_outside_the_vocabulary_is_refused_not_batched():
+    from hma.prefill import PrefillServer
+
+    server = PrefillServer(engine_from_hf(tiny_hf_model("Qwen3ForCausalLM"), kv_dtype="int8"))
+    reply = server._begin(RequestBegin("bad", [5, 257], GREEDY, 3, "int8", 2, 24), outbox=None)
+    assert not reply.accepted and not reply.retryable and "[0, 257)" in reply.reason and not server.waiting

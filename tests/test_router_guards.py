@@ -20,6 +20,7 @@ class GatedBackend:
     """Holds every request before its first token until `gate` opens, then finishes it."""
 
     max_model_len = 64
+    vocab_size = 100
     is_ready = True
 
     def __init__(self) -> None:
@@ -68,6 +69,19 @@ async def test_any_of_the_keys_opens_v1_and_health_needs_none(gated):
         response = await client.post("/v1/completions", json=BODY, headers={"Authorization": f"bearer {key}"})
         assert response.status == 200
     assert (await client.get("/health")).status == 200 and (await client.get("/metrics")).status == 200
+
+
+async def test_field_limits_answer_400_before_the_backend_sees_the_request(gated):
+    client, backend, _ = gated
+    auth = {"Authorization": "Bearer k1"}
+    backend.gate.set()
+    for fields, param in [({"prompt": [1, 100]}, "prompt"), ({"stop": ["x" * 2000]}, "stop"),
+                          ({"stop_token_ids": list(range(300))}, "stop_token_ids"), ({"n": 3}, "n"),
+                          ({"max_tokens": 64}, "prompt")]:  # 2 prompt tokens + 64 > max_model_len
+        response = await client.post("/v1/completions", json={**BODY, **fields}, headers=auth)
+        error = (await response.json())["error"]
+        assert response.status == 400 and error["param"] == param and error["type"] == "invalid_request_error"
+    assert (await client.post("/v1/completions", json={**BODY, "prompt": [1, 99]}, headers=auth)).status == 200
 
 
 async def test_past_the_queue_bound_requests_get_503_with_retry_after_and_the_rest_complete(gated):

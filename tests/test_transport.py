@@ -88,3 +88,20 @@ async def test_a_silent_peer_times_out_the_handshake(monkeypatch):
     with pytest.raises(TimeoutError):
         await connect("127.0.0.1", port, make_hello("prefill", "model-a", "fp8", 16), SECRET)
     listener.close()
+
+
+async def test_a_frame_declaring_a_huge_payload_is_refused_from_its_prefix_alone():
+    """The host hangs up on the 18-byte prefix: it neither waits for nor makes room for 1 TiB."""
+    from hma.errors import ProtocolError
+    from hma.wire import FRAME_PREFIX_SIZE
+
+    received = []
+    server, port = await _server(received)
+    peer = await connect("127.0.0.1", port, make_hello("prefill", "model-a", "fp8", 16), SECRET)
+    prefix = bytearray(encode_bytes(FirstToken("r1", 7))[:FRAME_PREFIX_SIZE])
+    prefix[10:18] = (1 << 40).to_bytes(8, "little")  # payload_len
+    peer.writer.write(bytes(prefix))
+    await peer.writer.drain()
+    assert await asyncio.wait_for(peer.reader.read(), 2) == b""
+    server.close()
+    assert isinstance(received[-1], ProtocolError) and "payload" in str(received[-1])
