@@ -6,7 +6,7 @@ dequantization: no dequantized copy is ever written to memory). Reference: atten
 Flash-decoding split: program (seq, kv_head, split) covers `partition` tokens for all the query
 heads sharing that KV head, keeping a running max, sum and weighted V; a second kernel merges
 the splits. Sequences of length 0 (padding rows of a CUDA graph) come out as zeros.
-write_kv: each token's K and V quantized into its slot in one kernel (plain casts, fp8, int8),
+write_kv: each token's K and V quantized into its slot in one kernel (plain casts, fp8, int8, int4),
 byte for byte what attention.write_kv_reference stores.
 With TRITON_INTERPRET=1 the same kernels run on CPU tensors, which is how the CPU tests run them.
 """
@@ -242,15 +242,67 @@ def _quantize_store(x_ptr, x_stride, pool_ptr, scales_ptr, token, slot, NUM_KV_H
 
 
 @triton.jit
+def _to_half(x, UP: tl.constexpr):
+    """float32 x rounded to float16 towards +inf (UP) or -inf, within float16's finite range:
+    kv_formats._to_scale_dtype, bit for bit (round to nearest, then one step if on the wrong side)."""
+    x = tl.minimum(tl.maximum(x, -65504.0), 65504.0)
+    h = x.to(tl.float16)
+    bits = h.to(tl.int16, bitcast=True)
+    if UP:
+        wrong = h.to(tl.float32) < x
+        step = tl.where(bits == 0, 1, tl.where(h > 0, bits + 1, bits - 1))  # +0 steps to the least positive
+    else:
+        wrong = h.to(tl.float32) > x
+        step = tl.where(bits == 0, -32767, tl.where(h > 0, bits - 1, bits + 1))  # to the least negative
+    return tl.where(wrong, step.to(tl.int16).to(tl.float16, bitcast=True), h)
+
+
+@triton.jit
+def _quantize_store_int4(x_ptr, x_stride, pool_ptr, scales_ptr, token, slot, NUM_KV_HEADS: tl.constexpr,
+                         HEAD_DIM: tl.constexpr, HEAD_ROWS: tl.constexpr, DIM_ROWS: tl.constexpr,
+                         GROUP: tl.constexpr):
+    """One token's K or V in Int4Format: per group of GROUP values a float16 minimum (rounded
+    down) and step (span / 15, rounded up), values round((x - min) / step) packed two a byte."""
+    h = tl.arange(0, HEAD_ROWS)
+    d = tl.arange(0, DIM_ROWS)
+    mask = (h < NUM_KV_HEADS)[:, None] & (d < HEAD_DIM)[None, :]
+    x = tl.load(x_ptr + token * x_stride + h[:, None] * HEAD_DIM + d[None, :], mask=mask, other=0).to(tl.float32)
+    groups = tl.reshape(x, (HEAD_ROWS, DIM_ROWS // GROUP, GROUP))
+    in_group = tl.reshape(mask, (HEAD_ROWS, DIM_ROWS // GROUP, GROUP))
+    low = _to_half(tl.min(tl.where(in_group, groups, float("inf")), axis=2), False)
+    high = tl.max(tl.where(in_group, groups, float("-inf")), axis=2)
+    step = tl.maximum(_to_half(tl.math.div_rn(high - low.to(tl.float32), 15.0), True), 2.0**-24)
+    q = tl.math.div_rn(groups - low.to(tl.float32)[:, :, None], step.to(tl.float32)[:, :, None])
+    q = tl.minimum(tl.maximum((q + 12582912.0) - 12582912.0, 0.0), 15.0).to(tl.uint8)  # round half to even
+    even, odd = tl.split(tl.reshape(q, (HEAD_ROWS, DIM_ROWS // 2, 2)))
+    j = tl.arange(0, DIM_ROWS // 2)
+    row = slot * NUM_KV_HEADS + h
+    tl.store(pool_ptr + row[:, None] * (HEAD_DIM // 2) + j[None, :], even | (odd << 4),
+             mask=(h < NUM_KV_HEADS)[:, None] & (j < HEAD_DIM // 2)[None, :])
+    g = tl.arange(0, DIM_ROWS // GROUP)
+    at = row[:, None] * (2 * (HEAD_DIM // GROUP)) + g[None, :]
+    group_ok = (h < NUM_KV_HEADS)[:, None] & (g < HEAD_DIM // GROUP)[None, :]
+    tl.store(scales_ptr + at, step, mask=group_ok)
+    tl.store(scales_ptr + at + HEAD_DIM // GROUP, low, mask=group_ok)
+
+
+@triton.jit
 def _store_kv_kernel(k_ptr, v_ptr, k_stride, v_stride, slots_ptr, k_pool, k_scales, v_pool, v_scales,
                      NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_ROWS: tl.constexpr,
-                     DIM_ROWS: tl.constexpr, KIND: tl.constexpr, QMAX: tl.constexpr, ROUND: tl.constexpr):
+                     DIM_ROWS: tl.constexpr, KIND: tl.constexpr, QMAX: tl.constexpr, ROUND: tl.constexpr,
+                     GROUP: tl.constexpr):
     token = tl.program_id(0)
     slot = tl.load(slots_ptr + token).to(tl.int64)
-    _quantize_store(k_ptr, k_stride, k_pool, k_scales, token, slot, NUM_KV_HEADS, HEAD_DIM, HEAD_ROWS,
-                    DIM_ROWS, KIND, QMAX, ROUND)
-    _quantize_store(v_ptr, v_stride, v_pool, v_scales, token, slot, NUM_KV_HEADS, HEAD_DIM, HEAD_ROWS,
-                    DIM_ROWS, KIND, QMAX, ROUND)
+    if KIND == INT4:
+        _quantize_store_int4(k_ptr, k_stride, k_pool, k_scales, token, slot, NUM_KV_HEADS, HEAD_DIM, HEAD_ROWS,
+                             DIM_ROWS, GROUP)
+        _quantize_store_int4(v_ptr, v_stride, v_pool, v_scales, token, slot, NUM_KV_HEADS, HEAD_DIM, HEAD_ROWS,
+                             DIM_ROWS, GROUP)
+    else:
+        _quantize_store(k_ptr, k_stride, k_pool, k_scales, token, slot, NUM_KV_HEADS, HEAD_DIM, HEAD_ROWS,
+                        DIM_ROWS, KIND, QMAX, ROUND)
+        _quantize_store(v_ptr, v_stride, v_pool, v_scales, token, slot, NUM_KV_HEADS, HEAD_DIM, HEAD_ROWS,
+                        DIM_ROWS, KIND, QMAX, ROUND)
 
 
 @triton.jit
@@ -283,8 +335,9 @@ def quantize_rows(x: torch.Tensor, mode: str, qmax: float, min_scale: float) -> 
 
 
 def can_write_kv(fmt: KVFormat) -> bool:
-    """write_kv handles plain casts and one-scale (fp8, int8) formats; the rest take the PyTorch path."""
-    return isinstance(fmt, (CastFormat, AbsmaxFormat))
+    """write_kv handles plain casts, one-scale (fp8, int8) formats and int4; bfp8 takes the PyTorch
+    path (its divisions by powers of two are exact however they are compiled)."""
+    return isinstance(fmt, (CastFormat, AbsmaxFormat, Int4Format))
 
 
 def write_kv(cache: LayerKV, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
@@ -295,12 +348,12 @@ def write_kv(cache: LayerKV, k: torch.Tensor, v: torch.Tensor, slot_mapping: tor
         return
     fmt = cache.format
     assert can_write_kv(fmt) and k.stride(1) == v.stride(1) == head_dim and k.stride(2) == v.stride(2) == 1
-    kind, _ = _family(fmt)
+    kind, group = _family(fmt)
     triton_launch(
         _store_kv_kernel, (num_tokens,), k, v, k.stride(0), v.stride(0), slot_mapping,
         cache.k, cache.k_scales, cache.v, cache.v_scales, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
         HEAD_ROWS=triton.next_power_of_2(num_kv_heads), DIM_ROWS=triton.next_power_of_2(head_dim),
-        KIND=kind, QMAX=getattr(fmt, "qmax", 0.0), ROUND=not fmt.payload_dtype.is_floating_point)
+        KIND=kind, QMAX=getattr(fmt, "qmax", 0.0), ROUND=not fmt.payload_dtype.is_floating_point, GROUP=group)
 
 
 @functools.cache

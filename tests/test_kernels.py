@@ -127,7 +127,7 @@ def test_kernels_compile_for_an_h100_without_one():
     assert result.stdout.split() == ["compiled", str(2 * len(KV_FORMATS) + storable + 2)]
 
 
-@pytest.mark.parametrize("name", ["fp32", "fp16", "bf16", "fp8", "int8"])
+@pytest.mark.parametrize("name", ["fp32", "fp16", "bf16", "fp8", "int8", "int4"])
 def test_fused_kv_write_stores_exactly_what_the_reference_writes(name):
     gen = torch.Generator().manual_seed(3)
     fused, reference = (LayerKV.empty(get_kv_format(name), 6, BLOCK, KV_HEADS, HEAD_DIM, DEVICE) for _ in range(2))
