@@ -1,15 +1,15 @@
 """The chaos run: `python -m hma chaos --requests 300`.
 
-Two prefill hosts, two decode hosts and the router run as processes on loopback with the demo
-model (int8 KV), each prefill host behind a fault-injecting proxy (hma/faults.py), so every KV
-stream and the router's link to the prefill hosts cross it. Greedy requests are driven through the
-router at a fixed concurrency while a schedule, paced by the requests done, corrupts, truncates,
-slows and stalls the proxied streams and SIGKILLs hosts with requests in flight (then starts them
-again). The report: requests sent; completed with the single-process engine's greedy output (or
-with another one); failed with a clear error (an HTTP error body or an SSE error event, by
-message); hung (no answer within --request-timeout-s: must be 0); KV blocks in use on each host
-once every host is back and idle (hma:kv_cache_used_blocks from the router's /metrics: must be 0);
-router restarts (must be 0).
+Two prefill hosts, two decode hosts and the router run as processes on loopback with the demo model
+(int8 KV), each prefill host behind a fault-injecting proxy (hma/faults.py), so every KV stream and
+the router's link to the prefill hosts cross it. Greedy requests are driven through the router at a
+fixed concurrency while a schedule, paced by the requests done, corrupts, truncates, slows and
+stalls the proxied streams, SIGKILLs hosts with requests in flight and SIGTERMs others (they
+drain), then starts them again. The report: requests sent; completed with the single-process
+engine's greedy output (or with another one); failed with a clear error (an HTTP error body or an
+SSE error event, by message); hung (no answer within --request-timeout-s: must be 0); KV blocks in
+use on each host once every host is back and idle (hma:kv_cache_used_blocks from the router's
+/metrics: must be 0); router restarts (must be 0).
 """
 
 from __future__ import annotations
@@ -56,9 +56,9 @@ def reference_outputs(max_tokens: int) -> dict[str, str]:
 
 async def one_request(session: aiohttp.ClientSession, url: str, prompt: str, max_tokens: int,
                       timeout_s: float) -> tuple[str, str]:
-    """("ok", text), ("error", message) or ("hung", "")."""
+    """("ok", text), ("error", message) or ("hung", ""); a stream cut off before [DONE] is an error."""
     body = {"model": "demo", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
-    text = []
+    text, done = [], False
     try:
         async with asyncio.timeout(timeout_s):
             async with session.post(url + "/v1/completions", json=body) as response:
@@ -66,6 +66,7 @@ async def one_request(session: aiohttp.ClientSession, url: str, prompt: str, max
                     return "error", f"HTTP {response.status}: {(await response.json())['error']['message']}"
                 async for raw in response.content:
                     line = raw.decode().strip()
+                    done = done or line == "data: [DONE]"
                     if not line.startswith("data: ") or line == "data: [DONE]":
                         continue
                     event = json.loads(line.removeprefix("data: "))
@@ -76,7 +77,7 @@ async def one_request(session: aiohttp.ClientSession, url: str, prompt: str, max
         return "hung", ""
     except aiohttp.ClientError as exc:
         return "error", f"connection: {type(exc).__name__}: {exc}"
-    return "ok", "".join(text)
+    return ("ok", "".join(text)) if done else ("error", "the stream ended without [DONE]")
 
 
 class Chaos:
@@ -87,9 +88,10 @@ class Chaos:
         self.done = self.in_flight = 0
         self.events: list[str] = []
         self.steps = list(SCHEDULE)
-        self.restarts: list[threading.Thread] = []
+        self.restarts: dict[str, threading.Thread] = {}  # host -> its SIGTERM, drain and restart
 
     def _term_and_restart(self, name: str, done: int, in_flight: int) -> None:
+        self.cluster.wait_listening(name)  # SIGTERM a serving host, not one still loading
         t0 = time.monotonic()
         status = self.cluster.terminate(name)
         self.cluster.respawn(name)
@@ -101,13 +103,16 @@ class Chaos:
         self.done += 1
         while self.steps and self.done >= self.steps[0][0] * self.total:
             _, action, arg = self.steps.pop(0)
+            if arg in self.restarts:  # one action on a host at a time
+                self.restarts.pop(arg).join()
             if action == "kill":
                 self.cluster.kill(arg)
                 self.cluster.respawn(arg)
                 self.events.append(f"SIGKILL {arg} at request {self.done} ({self.in_flight} in flight), restarted")
             elif action == "term":  # draining takes a while: the requests keep going meanwhile
-                self.restarts.append(threading.Thread(target=self._term_and_restart, args=(arg, self.done, self.in_flight)))
-                self.restarts[-1].start()
+                restart = threading.Thread(target=self._term_and_restart, args=(arg, self.done, self.in_flight))
+                restart.start()
+                self.restarts[arg] = restart
             else:
                 self.proxies.set_mode(action, arg)
                 if action != "pass":
@@ -184,18 +189,20 @@ def run(args: argparse.Namespace) -> dict:
         chaos = Chaos(cluster, proxies, args.requests)
         start = time.monotonic()
         outcomes = asyncio.run(drive(chaos, args, expected))
-        for restart in chaos.restarts:
+        for restart in chaos.restarts.values():
             restart.join()
         duration = time.monotonic() - start
         proxies.set_mode("pass")
         held = asyncio.run(blocks_held(cluster.url, args.settle_timeout_s))
         settle = time.monotonic() - start - duration
         restarts = int(cluster.processes["router"].poll() is not None)  # the router is never restarted here
+        placed_again = (cluster.log_dir / "router.log").read_text().count("placing it again")
     finally:
         cluster.stop()
         proxies.stop()
     report = {"requests": args.requests, "concurrency": args.concurrency, "duration_s": round(duration, 1),
               "settle_s": round(settle, 1), "faults": chaos.events, "chunks_faulted": dict(proxies.injected()),
+              "placed_again": placed_again,
               "outcomes": dict(outcomes.most_common()), "hung": outcomes["hung"],
               "kv_blocks_used_after": held, "hosts_not_back": NUM_HOSTS - len(held),
               "kv_blocks_leaked": sum(held.values()), "router_restarts": restarts,
@@ -212,11 +219,13 @@ def _print(report: dict) -> None:
     for event in report["faults"]:
         print(f"  fault: {event}")
     print(f"  chunks faulted by the proxies: {report['chunks_faulted']}")
+    print(f"  placements repeated by the router (a failure before the first token): {report['placed_again']}")
     print(f"  KV blocks in use per host once idle: {report['kv_blocks_used_after']}")
     rows = [("sent", report["requests"]), *report["outcomes"].items()]
     if OTHER not in report["outcomes"]:
         rows.append((OTHER, 0))
-    rows += [("hung (must be 0)", report["hung"]), ("hosts not back in the rotation (must be 0)", report["hosts_not_back"]),
+    rows += [("hung (must be 0)", report["hung"]),
+             ("hosts not back in the rotation (must be 0)", report["hosts_not_back"]),
              ("KV blocks leaked on the hosts once idle (must be 0)", report["kv_blocks_leaked"]),
              ("router restarts (must be 0)", report["router_restarts"])]
     width = max(len(name) for name, _ in rows) + 2

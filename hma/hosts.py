@@ -6,13 +6,14 @@ router; send Generate to the decode host, naming the prefill host (with no prefi
 decode hosts are colocated replicas that prefill their own prompts: Generate names none). A refusal
 for lack of KV blocks moves on to the next decode host; when every one refuses (or none is
 connected), the request waits (bounded) until some request ends or a second passes, then tries
-again; a permanent refusal or the wait running out is an error. Then tokens stream back from the decode host as RequestOutputs. A host counts as ready
-once its handshake and first status query succeed: hosts listen only when loaded and warm; it
-leaves the rotation when its connection breaks or it misses a heartbeat (a status query every
-HEARTBEAT_S), and rejoins once a new handshake and query succeed. A request that fails before its
-first token (a host lost, a KV stream broken, the prefill host unreachable) is placed again, on
-hosts it has not failed on first, up to PLACEMENT_ATTEMPTS times; after a token has streamed, a
-failure ends it (the router's stream then ends with an error event).
+again; a permanent refusal or the wait running out is an error. Then tokens stream back from the
+decode host as RequestOutputs. A host counts as ready once its handshake and first status query
+succeed: hosts listen only when loaded and warm; it leaves the rotation when its connection breaks
+or it misses a heartbeat (a status query every HEARTBEAT_S), and rejoins once a new handshake and
+query succeed. A request that fails before its first token (a host lost, a KV stream broken, the
+prefill host unreachable) is placed again, on hosts it has not failed on first, up to
+PLACEMENT_ATTEMPTS times; after a token has streamed, a failure ends it (the router's stream then
+ends with an error event).
 """
 
 from __future__ import annotations
@@ -153,13 +154,14 @@ class Cluster:
 
     @property
     def max_model_len(self) -> int:
-        """The longest request every decode host can hold (0 until one is connected)."""
-        return min((h.status["max_model_len"] for h in self.decodes if h.conn), default=0)
+        """The longest request every decode host can hold (0 until one has answered; hosts lost
+        since still count, so requests wait for them to rejoin rather than fail at once)."""
+        return min((h.status["max_model_len"] for h in self.decodes if h.status), default=0)
 
     @property
     def vocab_size(self) -> int:
-        """Prompt token ids must lie below it (0 until a decode host that reports it is connected)."""
-        return min((h.status.get("vocab_size", 0) for h in self.decodes if h.conn), default=0)
+        """Prompt token ids must lie below it (0, so no check, until a decode host has answered)."""
+        return min((h.status.get("vocab_size", 0) for h in self.decodes if h.status), default=0)
 
     async def generate(self, prompt: dict, params: SamplingParams,
                        request_id: str) -> AsyncIterator[RequestOutput]:

@@ -54,6 +54,7 @@ class LocalCluster:
     # the address the router names for a prefill host (default: its own; the chaos run puts a proxy between)
     route_prefill: Callable[[str], str] = lambda address: address
     commands: dict[str, tuple[str, list[str]]] = field(default_factory=dict)  # process name -> (role, flags)
+    num_spawns: dict[str, int] = field(default_factory=dict)  # process name -> times started (its log continues)
 
     @property
     def url(self) -> str:
@@ -87,6 +88,14 @@ class LocalCluster:
         self.processes[name].kill()
         self.processes[name].wait()
 
+    def wait_listening(self, name: str, timeout: float = START_TIMEOUT_S) -> None:
+        """Until the host's latest start has loaded and listens (its log says so once per start)."""
+        deadline = time.monotonic() + timeout
+        while self.log_tail(name, 10**6).count("listening role=") < self.num_spawns[name]:
+            if time.monotonic() > deadline or self.processes[name].poll() is not None:
+                raise ServiceUnavailableError(f"{name} did not start listening:\n{self.log_tail(name)}")
+            time.sleep(0.1)
+
     def terminate(self, name: str, timeout: float = STOP_GRACE_S * 4) -> int:
         """SIGTERM, then waits for the process to drain and exit; returns its exit status."""
         self.processes[name].terminate()
@@ -100,6 +109,7 @@ class LocalCluster:
     def _spawn(self, role: str, flags: list[str], name: str | None = None, mode: str = "w") -> None:
         name = name or role
         self.commands[name] = (role, flags)
+        self.num_spawns[name] = self.num_spawns.get(name, 0) + 1
         env = {**os.environ, "HMA_SECRET": self.secret, "PYTHONUNBUFFERED": "1"}
         if name in self.gpus:
             env["CUDA_VISIBLE_DEVICES"] = self.gpus[name]

@@ -1,13 +1,23 @@
+import asyncio
+import contextlib
+import os
+import signal
+import time
+
 import pytest
 
 from hma.batch import Batch, SeqChunk
-from hma.decode import KVLanding
+from hma.decode import DecodeServer, KVLanding
 from hma.engine import run_to_completion
 from hma.kv_cache import KVCache
 from hma.kv_formats import get_kv_format
 from hma.kv_transfer import take_layer_kv, token_slots
 from hma.sampling import SamplingParams
-from hma.wire import Abort, FirstToken, FrameDecoder, RequestBegin, RequestEnd, encode_bytes
+from hma.host import listen_until_stopped
+from hma.launch import free_port
+from hma.transport import connect, serve
+from hma.wire import (Abort, BeginReply, ErrorMessage, FirstToken, FrameDecoder, Generate, RequestBegin, RequestEnd,
+                      Tokens, encode_bytes, make_hello)
 from tests.helpers import engine_from_hf, hma_model_from_hf, tiny_hf_model
 
 PROMPT = [5, 17, 88, 3, 140, 9, 61, 200, 7, 42, 13]
@@ -73,18 +83,42 @@ def test_abort_and_a_lost_peer_free_the_blocks_of_their_requests():
     assert landing.receive(Abort("r1", "late")) is None  # crossing aborts are harmless
 
 
-async def test_a_prefill_host_that_goes_silent_fails_the_request_and_frees_its_blocks():
-    import asyncio
-    import contextlib
+def _hello(role: str):
+    return lambda: make_hello(role, "m", "int8" if role != "router" else "none", 4)
 
-    from hma.decode import DecodeServer
-    from hma.transport import connect, serve
-    from hma.wire import BeginReply, ErrorMessage, Generate, make_hello
 
-    decode = engine_from_hf(tiny_hf_model("Qwen3ForCausalLM"), num_blocks=16, block_size=4, kv_dtype="int8")
-    server = DecodeServer(decode, lambda: make_hello("decode", "m", "int8", 4), b"k", landing_timeout_s=0.5)
+async def _prefill_host(on_connection) -> tuple[asyncio.Server, str]:
+    """A scripted prefill host on loopback, and the address a Generate names it by."""
+    server = await serve("127.0.0.1", 0, _hello("prefill"), b"k", on_connection)
+    return server, f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+
+
+@contextlib.asynccontextmanager
+async def _decode_host(engine, **server_args):
+    """A DecodeServer listening on loopback, and a router's connection to it."""
+    server = DecodeServer(engine, _hello("decode"), b"k", **server_args)
     server.worker.start()
+    listener = await serve("127.0.0.1", 0, _hello("decode"), b"k", server.serve_router)
+    router = await connect("127.0.0.1", listener.sockets[0].getsockname()[1], _hello("router")(), b"k")
+    try:
+        yield server, router
+    finally:
+        await router.close()
+        listener.close()
+        server.worker.stop()
 
+
+async def _all_blocks_free(engine, timeout_s: float = 1.0) -> bool:
+    """Whether every block is back within timeout_s (the worker frees them between steps)."""
+    allocator = engine.kv_cache.allocator
+    deadline = time.monotonic() + timeout_s
+    while allocator.num_free != allocator.num_blocks and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    return allocator.num_free == allocator.num_blocks
+
+
+async def test_a_prefill_host_that_goes_silent_fails_the_request_and_frees_its_blocks():
+    decode = engine_from_hf(tiny_hf_model("Qwen3ForCausalLM"), num_blocks=16, block_size=4, kv_dtype="int8")
     link_closed = asyncio.Event()
 
     async def silent_prefill(conn) -> None:  # takes the request, then never sends its KV
@@ -94,44 +128,26 @@ async def test_a_prefill_host_that_goes_silent_fails_the_request_and_frees_its_b
             await conn.recv(timeout=30)
         link_closed.set()  # the decode host gave up on a link that delivered nothing
 
-    prefill = await serve("127.0.0.1", 0, lambda: make_hello("prefill", "m", "int8", 4), b"k", silent_prefill)
-    listener = await serve("127.0.0.1", 0, lambda: make_hello("decode", "m", "int8", 4), b"k", server.serve_router)
-    router = await connect("127.0.0.1", listener.sockets[0].getsockname()[1], make_hello("router", "m", "none", 1), b"k")
+    prefill, address = await _prefill_host(silent_prefill)
     try:
-        address = f"127.0.0.1:{prefill.sockets[0].getsockname()[1]}"
-        await router.send(Generate("stuck", PROMPT, GREEDY, address))
-        assert (await router.recv(timeout=10)).accepted
-        assert decode.kv_cache.allocator.num_free == 16 - 3
-        failed = await router.recv(timeout=10)
-        assert isinstance(failed, ErrorMessage) and "did not land within 0.5 s" in failed.message
-        for _ in range(50):
-            if decode.kv_cache.allocator.num_free == 16:
-                break
-            await asyncio.sleep(0.02)
-        assert decode.kv_cache.allocator.num_free == 16 and not server.landing.pending
-        await asyncio.wait_for(link_closed.wait(), 5)  # a stalled stream is closed, not reused
+        async with _decode_host(decode, landing_timeout_s=0.5) as (server, router):
+            await router.send(Generate("stuck", PROMPT, GREEDY, address))
+            assert (await router.recv(timeout=10)).accepted
+            assert decode.kv_cache.allocator.num_free == 16 - 3
+            failed = await router.recv(timeout=10)
+            assert isinstance(failed, ErrorMessage) and "did not land within 0.5 s" in failed.message
+            assert await _all_blocks_free(decode) and not server.landing.pending
+            await asyncio.wait_for(link_closed.wait(), 5)  # a stalled stream is closed, not reused
     finally:
-        await router.close()
         prefill.close()
-        listener.close()
-        server.worker.stop()
 
 
 async def test_losing_one_prefill_peer_fails_only_its_requests_and_at_once():
     """Three prefill hosts: one sends every layer, one breaks off mid-transfer, one closes before
     answering RequestBegin. Only the first request finishes; the others fail within seconds (not
     after a begin or landing timeout) and every block comes back."""
-    import asyncio
-    import time
-
-    from hma.decode import DecodeServer
-    from hma.transport import connect, serve
-    from hma.wire import BeginReply, ErrorMessage, Generate, Tokens, make_hello
-
     hf = tiny_hf_model("Qwen3ForCausalLM")
     decode = engine_from_hf(hf, num_blocks=16, block_size=4, kv_dtype="int8")
-    server = DecodeServer(decode, lambda: make_hello("decode", "m", "int8", 4), b"k", landing_timeout_s=60)
-    server.worker.start()
 
     def prefill(num_messages: int | None, answers: bool = True):
         async def on_connection(conn) -> None:
@@ -145,53 +161,34 @@ async def test_losing_one_prefill_peer_fails_only_its_requests_and_at_once():
                 await asyncio.sleep(30)  # stays connected
         return on_connection
 
-    hosts = [await serve("127.0.0.1", 0, lambda: make_hello("prefill", "m", "int8", 4), b"k", handler)
-             for handler in (prefill(None), prefill(2), prefill(0, answers=False))]
-    listener = await serve("127.0.0.1", 0, lambda: make_hello("decode", "m", "int8", 4), b"k", server.serve_router)
-    router = await connect("127.0.0.1", listener.sockets[0].getsockname()[1], make_hello("router", "m", "none", 1), b"k")
+    hosts = [await _prefill_host(handler) for handler in (prefill(None), prefill(2), prefill(0, answers=False))]
     try:
-        t0 = time.monotonic()
-        for rid, host in zip(("whole", "broken", "unanswered"), hosts):
-            await router.send(Generate(rid, PROMPT, GREEDY, f"127.0.0.1:{host.sockets[0].getsockname()[1]}"))
-        finished, failed = set(), {}
-        while len(finished) + len(failed) < 3:
-            msg = await router.recv(timeout=10)
-            if isinstance(msg, ErrorMessage):
-                failed[msg.request_id] = msg.message
-            elif isinstance(msg, Tokens) and msg.finish_reason is not None:
-                finished.add(msg.request_id)
-            else:
-                assert isinstance(msg, (BeginReply, Tokens))
-        assert finished == {"whole"} and set(failed) == {"broken", "unanswered"}
-        assert "lost the prefill host" in failed["broken"] and "did not take the request" in failed["unanswered"]
-        assert time.monotonic() - t0 < 10
-        for _ in range(50):
-            if decode.kv_cache.allocator.num_free == 16:
-                break
-            await asyncio.sleep(0.02)
-        assert decode.kv_cache.allocator.num_free == 16 and not server.landing.pending
+        async with _decode_host(decode, landing_timeout_s=60) as (server, router):
+            t0 = time.monotonic()
+            for rid, (_, address) in zip(("whole", "broken", "unanswered"), hosts):
+                await router.send(Generate(rid, PROMPT, GREEDY, address))
+            finished, failed = set(), {}
+            while len(finished) + len(failed) < 3:
+                msg = await router.recv(timeout=10)
+                if isinstance(msg, ErrorMessage):
+                    failed[msg.request_id] = msg.message
+                elif isinstance(msg, Tokens) and msg.finish_reason is not None:
+                    finished.add(msg.request_id)
+                else:
+                    assert isinstance(msg, (BeginReply, Tokens))
+            assert finished == {"whole"} and set(failed) == {"broken", "unanswered"}
+            assert "lost the prefill host" in failed["broken"] and "did not take the request" in failed["unanswered"]
+            assert time.monotonic() - t0 < 10
+            assert await _all_blocks_free(decode) and not server.landing.pending
     finally:
-        await router.close()
-        for host in (*hosts, listener):
+        for host, _ in hosts:
             host.close()
-        server.worker.stop()
 
 
 async def test_sigterm_refuses_new_requests_and_finishes_those_in_flight_then_exits():
-    import asyncio
-    import os
-    import signal
-
-    from hma.decode import DecodeServer
-    from hma.host import listen_until_stopped
-    from hma.launch import free_port
-    from hma.transport import connect, serve
-    from hma.wire import BeginReply, Generate, Tokens, make_hello
-
     hf = tiny_hf_model("Qwen3ForCausalLM")
     decode = engine_from_hf(hf, num_blocks=16, block_size=4, kv_dtype="int8")
-    hello = lambda: make_hello("decode", "m", "int8", 4)  # noqa: E731
-    server = DecodeServer(decode, hello, b"k")
+    server = DecodeServer(decode, _hello("decode"), b"k")
     server.worker.start()
     release = asyncio.Event()
 
@@ -203,21 +200,21 @@ async def test_sigterm_refuses_new_requests_and_finishes_those_in_flight_then_ex
             await conn.send(msg)
         await asyncio.sleep(30)
 
-    prefill_host = await serve("127.0.0.1", 0, lambda: make_hello("prefill", "m", "int8", 4), b"k", prefill)
-    address = f"127.0.0.1:{prefill_host.sockets[0].getsockname()[1]}"
+    prefill_host, address = await _prefill_host(prefill)
     port = free_port()
-    host = asyncio.create_task(listen_until_stopped("127.0.0.1", port, hello, b"k", server.serve_router, server.drain))
+    host = asyncio.create_task(listen_until_stopped("127.0.0.1", port, _hello("decode"), b"k", server.serve_router,
+                                                    server.drain))
     router = None
     try:
         async with asyncio.timeout(10):
             while router is None:
                 try:
-                    router = await connect("127.0.0.1", port, make_hello("router", "m", "none", 1), b"k")
+                    router = await connect("127.0.0.1", port, _hello("router")(), b"k")
                 except OSError:
                     await asyncio.sleep(0.02)
         await router.send(Generate("in-flight", PROMPT, GREEDY, address))
         assert (await router.recv(timeout=10)).accepted
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)  # the host's handler, not the default: it drains
         await asyncio.sleep(0.2)
         await router.send(Generate("late", PROMPT, GREEDY, address))
         refused = await router.recv(timeout=10)
