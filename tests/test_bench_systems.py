@@ -60,3 +60,18 @@ def test_a_short_colocated_run_on_the_cpu_finds_a_goodput(tmp_path):
     assert trace["goodput"] == 0.5 and trace["probes"][0]["completed"] == 3
     assert trace["predicted_goodput"] is None  # the demo model is no Qwen3 shape the planner knows
     assert json.loads(out.read_text())["link"]["gbytes_per_s"] > 0
+
+
+def test_saved_runs_are_predicted_again_from_other_step_costs():
+    from hma.bench.plan import H100_CALIBRATION, Calibration
+    from hma.bench.systems import repredict
+
+    run = {"model": "random:qwen3-4b", "card": "H200", "link_gbps": 6.5, "num_prompts": 200,
+           "max_prompt_len": 8192, "max_output_len": 512}
+    trace = _trace("azure-conv", 1.0, [(1, 1.0)], 99.0)
+    slow = Calibration(decode=H100_CALIBRATION.decode,
+                       prefill={k: (o + 0.15, e) for k, (o, e) in H100_CALIBRATION.prefill.items()})
+    fast, slowed = (repredict(run, "colocated", trace, c) for c in (H100_CALIBRATION, slow))
+    assert fast > slowed > 0  # 150 ms more per prefill batch lowers the goodput the planner finds
+    assert f"| {fast:.2f} |" in table([{**run, "systems": [{"system": "colocated", "traces": [trace]}]}],
+                                      H100_CALIBRATION)

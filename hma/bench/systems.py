@@ -35,7 +35,7 @@ from hma import random_weights
 from hma.bench.goodput import TARGET_ATTAINMENT, SLO, attainment, search_goodput_from, summarize
 from hma.bench.hardware import ACCELERATORS
 from hma.bench.link import measure as measure_link
-from hma.bench.plan import H100_CALIBRATION, Plan, build, simulated_goodput
+from hma.bench.plan import H100_CALIBRATION, Calibration, Plan, build, calibrate, simulated_goodput
 from hma.bench.serve import replay
 from hma.bench.traces import TraceRequest, clip, read_trace, scale_to_rate, trace_path
 from hma.launch import LocalCluster, post_json
@@ -132,14 +132,13 @@ async def measure(url: str, model: str, requests: list[TraceRequest], slo: SLO, 
     return {"goodput": goodput, "probes": probes}
 
 
-def predicted(system: System, model: str, requests: list[TraceRequest], slo: SLO,
-              args: argparse.Namespace) -> float | None:
+def predicted(system: System, model: str, requests: list[TraceRequest], slo: SLO, card: str, link_gbps: float,
+              calibration: Calibration = H100_CALIBRATION) -> float | None:
     """The cost planner's goodput for this deployment (random:SHAPE models only)."""
     shape = random_weights.shape_of(model)
     if shape is None:
         return None
-    deployment = build(system.plan(args.card), random_weights.config_of(model), H100_CALIBRATION,
-                       args.link_gbps * 1e9 / 8)
+    deployment = build(system.plan(card), random_weights.config_of(model), calibration, link_gbps * 1e9 / 8)
     if isinstance(deployment, str):
         return None
     return simulated_goodput(requests, deployment, slo, 0.05, 400.0, 12)[0]
@@ -157,7 +156,7 @@ def run_system(name: str, args: argparse.Namespace, result: dict, out_of_time: f
             requests, num_clipped = clip(read_trace(trace_path(trace))[:args.num_prompts], args.max_prompt_len,
                                          args.max_output_len)
             slo = SLO(args.slo_ttft_ms / 1e3, args.slo_tpot_ms / 1e3) if args.slo_ttft_ms else DEFAULT_SLOS[trace]
-            guess = predicted(system, args.model, requests, slo, args)
+            guess = predicted(system, args.model, requests, slo, args.card, args.link_gbps)
             print(f" {trace} (SLO TTFT {slo.ttft_s * 1e3:g} ms, TPOT {slo.tpot_s * 1e3:g} ms), planner: "
                   f"{guess if guess is None else round(guess, 2)} req/s", flush=True)
             found = asyncio.run(measure(cluster.url, args.model, requests, slo, guess or args.start_rate,
@@ -196,15 +195,16 @@ def machine() -> str:
     return "cpu"
 
 
-def table(results: list[dict]) -> str:
-    """Markdown: goodput per system and trace, the planner's prediction, and (c)'s ratios."""
+def table(results: list[dict], calibration: Calibration | None = None) -> str:
+    """Markdown: goodput per system and trace, the planner's prediction (made again with
+    `calibration` when given, else the one the run recorded), and (c)'s ratios."""
     lines = ["| model | trace (SLO TTFT / TPOT) | system | goodput req/s | per GPU | planner | planner error |",
              "|---|---|---|---:|---:|---:|---:|"]
     ratios = []
     for result in results:
         found = {(s["system"], t["trace"]): t for s in result["systems"] for t in s["traces"]}
         for (name, trace), t in found.items():
-            g, p = t["goodput"], t["predicted_goodput"]
+            g, p = t["goodput"], t["predicted_goodput"] if calibration is None else repredict(result, name, t, calibration)
             error = f"{(p - g) / g:+.0%}" if g and p is not None else "n/a"
             shown = _shown(g, t)
             per_gpu = _num(g / 2) if g is not None else "n/a"
@@ -217,6 +217,15 @@ def table(results: list[dict]) -> str:
                 if c is not None and b:
                     ratios.append(f"{result['model']}, {trace}: (c) / {SYSTEMS[base].label[:3]} = {c / b:.2f}x")
     return "\n".join(lines + [""] + ratios)
+
+
+def repredict(result: dict, system: str, trace: dict, calibration: Calibration) -> float | None:
+    """The planner's goodput for a saved run's system and trace, from other step costs."""
+    requests, _ = clip(read_trace(trace_path(trace["trace"]))[:result.get("num_prompts", 1000)],
+                       result["max_prompt_len"], result["max_output_len"])
+    slo = SLO(trace["slo"]["ttft_ms"] / 1e3, trace["slo"]["tpot_ms"] / 1e3)
+    return predicted(SYSTEMS[system], result["model"], requests, slo, result["card"], result["link_gbps"],
+                     calibration)
 
 
 def _shown(goodput: float | None, trace: dict) -> str:
@@ -264,11 +273,18 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--table", type=Path, nargs="*", default=None, help="print the table of saved runs")
+    parser.add_argument("--calibration", type=Path, nargs="+", default=None,
+                        help="with --table: predict again with step costs fitted to these bench speed JSONs "
+                             "(measured on --card's kind of GPU)")
     args = parser.parse_args(argv)
     if bool(args.slo_ttft_ms) != bool(args.slo_tpot_ms):
         parser.error("give both --slo-ttft-ms and --slo-tpot-ms, or neither")
     if args.table is not None:
-        print(table([json.loads(p.read_text()) for p in args.table]))
+        calibration = None
+        if args.calibration:
+            runs = [json.loads(p.read_text()) for p in args.calibration]
+            calibration = calibrate({"shapes": [s for r in runs for s in r["shapes"]]}, ACCELERATORS[args.card])
+        print(table([json.loads(p.read_text()) for p in args.table], calibration))
         return None
     out_of_time = time.monotonic() + args.time_budget_s
     link = measure_link([1024])[0]
@@ -276,6 +292,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     args.link_gbps = args.link_gbps or 8 * link["gbytes_per_s"]
     result = {"model": args.model, "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M"),
               "card": args.card, "link": link, "link_gbps": args.link_gbps, "window_s": args.window_s,
+              "num_prompts": args.num_prompts,
               "max_prompt_len": args.max_prompt_len, "max_output_len": args.max_output_len, "systems": []}
     for name in args.systems.split(","):
         if time.monotonic() > out_of_time:
