@@ -23,10 +23,10 @@ from hma.kv_formats import KVFormat
 def write_kv(cache: LayerKV, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """Quantizes each token's K and V (num_tokens, kv_heads, dim) into the pools at its slot."""
     if k.is_cuda:
-        from hma import kernels
+        from hma import quant_kernels
 
-        if kernels.can_write_kv(cache.format):
-            kernels.write_kv(cache, k, v, slot_mapping)  # one kernel, the same bytes
+        if quant_kernels.can_write_kv(cache.format):
+            quant_kernels.write_kv(cache, k, v, slot_mapping)  # one kernel, the same bytes
             return
     store_kv(cache, quantize_kv(k, v, cache.format), slot_mapping)
 

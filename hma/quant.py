@@ -151,9 +151,9 @@ def _quantize_rows_fused(x: torch.Tensor, mode: str) -> tuple[torch.Tensor, torc
     activations cost more than the 8-bit matmul saves); the reference elsewhere."""
     if not x.is_cuda or x.stride(-1) != 1:
         return quantize_rows(x, mode)
-    from hma import kernels
+    from hma import quant_kernels
 
-    return kernels.quantize_rows(x, mode, ROW_QMAX[mode], MIN_SCALE)
+    return quant_kernels.quantize_rows(x, mode, ROW_QMAX[mode], MIN_SCALE)
 
 
 @gpu_fused

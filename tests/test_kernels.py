@@ -3,9 +3,10 @@
 import pytest
 import torch
 
-from hma import kernels
+from hma import kernels, quant_kernels
 from hma.attention import decode_reference, write_kv_reference
-from hma.kernels import can_write_kv, choose_partition, paged_decode_attention
+from hma.kernels import choose_partition, paged_decode_attention
+from hma.quant_kernels import can_write_kv
 from hma.kv_cache import LayerKV
 from hma.kv_formats import KV_FORMATS, get_kv_format
 
@@ -82,7 +83,7 @@ COMPILE_FOR_HOPPER = r'''
 import sys, torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from hma import kernels
+from hma import kernels, quant_kernels
 from hma.kv_cache import LayerKV
 from hma.kv_formats import get_kv_format
 
@@ -94,11 +95,11 @@ for name in sys.argv[1:]:
     layer = LayerKV.empty(get_kv_format(name), 4, 16, 8, 128, "cpu")
     q = torch.zeros(3, 32, 128, dtype=torch.bfloat16)
     kernels.paged_decode_attention(q, layer, torch.zeros(3, 300, dtype=torch.long), torch.ones(3, dtype=torch.long), 0.1)
-    if kernels.can_write_kv(layer.format):
+    if quant_kernels.can_write_kv(layer.format):
         kv = torch.zeros(3, 3, 8, 128, dtype=torch.bfloat16)
-        kernels.write_kv(layer, kv[:, 1], kv[:, 2], torch.zeros(3, dtype=torch.long))
+        quant_kernels.write_kv(layer, kv[:, 1], kv[:, 2], torch.zeros(3, dtype=torch.long))
 for mode, qmax in (("fp8", 448.0), ("int8", 127.0)):
-    kernels.quantize_rows(torch.zeros(3, 2560, dtype=torch.bfloat16), mode, qmax, 1e-38)
+    quant_kernels.quantize_rows(torch.zeros(3, 2560, dtype=torch.bfloat16), mode, qmax, 1e-38)
 for kernel, args, constexprs in launches:
     options = {k: constexprs.pop(k) for k in ("num_warps", "num_stages") if k in constexprs}
     names = kernel.arg_names
@@ -135,7 +136,7 @@ def test_fused_kv_write_stores_exactly_what_the_reference_writes(name):
     qkv[4, 1] = 0  # an all-zero token keeps a positive scale
     k, v = qkv[:, 1].to(DEVICE), qkv[:, 2].to(DEVICE)  # strided views, as the split projection gives
     slots = torch.tensor([3, 17, 5, 40, 0, 33, 8, 9, 47], device=DEVICE)
-    kernels.write_kv(fused, k, v, slots)
+    quant_kernels.write_kv(fused, k, v, slots)
     write_kv_reference(reference, k, v, slots)
     for got, want in zip(fused.tensors, reference.tensors):
         if DEVICE == "cpu" and got.dtype in (torch.bfloat16, torch.float8_e4m3fn):
@@ -156,7 +157,7 @@ def test_row_quantization_kernel_gives_the_reference_bytes_and_scales(mode):
     x = torch.randn(7, 100, generator=gen) * torch.logspace(-8, 4, 7)[:, None]
     x[2] = 0  # an all-zero row keeps a positive scale
     x = x.to(DEVICE)
-    got_q, got_scale = kernels.quantize_rows(x, mode, ROW_QMAX[mode], MIN_SCALE)
+    got_q, got_scale = quant_kernels.quantize_rows(x, mode, ROW_QMAX[mode], MIN_SCALE)
     want_q, want_scale = quantize_rows(x, mode)
     # The kernel divides amax by qmax exactly; PyTorch's CUDA division by a Python number
     # multiplies by its reciprocal instead, so on a GPU the scales may differ in the last bit
