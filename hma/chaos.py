@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import json
 import re
+import signal
 import threading
 import time
 from collections import Counter
@@ -34,14 +35,15 @@ PROMPTS = ["The capital of France is", "Water boils at a temperature of", "The l
            "The chemical symbol for gold is"]
 KV_FLAGS = ["--kv-dtype", "int8", "--kv-memory-gb", "0.05"]
 NUM_HOSTS = 4
+STOP_S = 8.0  # a SIGSTOPped host misses its heartbeats: the router takes it out of the rotation
 # (share of requests done, action, argument): corrupt/truncate/stall the next chunk through proxy i
-# (None: every proxy), slow it until "pass", SIGKILL a host and start it again, or SIGTERM one (it
-# drains) and start it again once it has exited
+# (None: every proxy), slow it until "pass", SIGKILL a host and start it again, SIGTERM one (it
+# drains) and start it again once it has exited, or SIGSTOP one for STOP_S
 SCHEDULE = [(0.05, "corrupt", 0), (0.10, "corrupt", 1), (0.15, "truncate", 1), (0.20, "kill", "prefill-1"),
             (0.28, "slow", 0), (0.33, "term", "decode"), (0.36, "pass", None), (0.40, "stall", 0),
             (0.48, "kill", "decode-1"), (0.52, "term", "prefill-1"), (0.55, "truncate", 0),
-            (0.62, "corrupt", None), (0.68, "kill", "prefill"), (0.75, "stall", 1), (0.82, "corrupt", None),
-            (0.88, "kill", "decode")]
+            (0.60, "stop", "decode-1"), (0.62, "corrupt", None), (0.68, "kill", "prefill"), (0.75, "stall", 1),
+            (0.78, "stop", "prefill-1"), (0.82, "corrupt", None), (0.88, "kill", "decode")]
 
 
 def reference_outputs(max_tokens: int) -> dict[str, str]:
@@ -88,31 +90,42 @@ class Chaos:
         self.done = self.in_flight = 0
         self.events: list[str] = []
         self.steps = list(SCHEDULE)
-        self.restarts: dict[str, threading.Thread] = {}  # host -> its SIGTERM, drain and restart
+        self.restarts: dict[str, threading.Thread] = {}  # host -> its SIGTERM or SIGSTOP, still going
 
-    def _term_and_restart(self, name: str, done: int, in_flight: int) -> None:
-        self.cluster.wait_listening(name)  # SIGTERM a serving host, not one still loading
-        t0 = time.monotonic()
-        status = self.cluster.terminate(name)
-        self.cluster.respawn(name)
-        self.events.append(f"SIGTERM {name} at request {done} ({in_flight} in flight): drained and exited "
-                           f"with {status} after {time.monotonic() - t0:.1f} s, restarted")
+    def _in_background(self, action: str, name: str) -> None:
+        """SIGTERM (it drains, then is started again) or SIGSTOP (for STOP_S, then SIGCONT) a host
+        once it serves, in a thread: the requests keep going meanwhile."""
+        def run(done: int, in_flight: int) -> None:
+            self.cluster.wait_listening(name)  # a serving host, not one still loading
+            t0 = time.monotonic()
+            if action == "term":
+                status = self.cluster.terminate(name)
+                self.cluster.respawn(name)
+                outcome = f"drained and exited with {status} after {time.monotonic() - t0:.1f} s, restarted"
+            else:
+                self.cluster.processes[name].send_signal(signal.SIGSTOP)
+                time.sleep(STOP_S)
+                self.cluster.processes[name].send_signal(signal.SIGCONT)
+                outcome = f"SIGCONT {STOP_S:g} s later"
+            self.events.append(f"SIG{action.upper()} {name} at request {done} ({in_flight} in flight): {outcome}")
+
+        self.restarts[name] = threading.Thread(target=run, args=(self.done, self.in_flight))
+        self.restarts[name].start()
 
     def advance(self) -> None:
         """Runs every scheduled action whose share of requests is done."""
         self.done += 1
         while self.steps and self.done >= self.steps[0][0] * self.total:
-            _, action, arg = self.steps.pop(0)
-            if arg in self.restarts:  # one action on a host at a time
-                self.restarts.pop(arg).join()
+            _, action, arg = self.steps[0]
+            if arg in self.restarts and self.restarts[arg].is_alive():
+                return  # one action on a host at a time: this one waits for a later request
+            self.steps.pop(0)
             if action == "kill":
                 self.cluster.kill(arg)
                 self.cluster.respawn(arg)
                 self.events.append(f"SIGKILL {arg} at request {self.done} ({self.in_flight} in flight), restarted")
-            elif action == "term":  # draining takes a while: the requests keep going meanwhile
-                restart = threading.Thread(target=self._term_and_restart, args=(arg, self.done, self.in_flight))
-                restart.start()
-                self.restarts[arg] = restart
+            elif action in ("term", "stop"):
+                self._in_background(action, arg)
             else:
                 self.proxies.set_mode(action, arg)
                 if action != "pass":

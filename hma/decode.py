@@ -37,7 +37,7 @@ from hma.wire import (Abort, BeginReply, ErrorMessage, FirstToken, Generate, Hel
 
 log = logging.getLogger(__name__)
 
-BEGIN_TIMEOUT_S = 30.0  # for the prefill host to take (queue) a request
+BEGIN_TIMEOUT_S = 30.0  # for the prefill host to take (queue) a request; at most the landing timeout
 MAX_TIMELINES = 1024  # per-request timelines kept for /debug/timeline
 
 
@@ -271,7 +271,7 @@ class DecodeServer:
             if link.writer.is_closing():  # its reader, which fails the waiters of a lost link, is done
                 raise ConnectionError(f"lost the connection to {link.peer_name}")
             await link.send(begin)
-            reply = await asyncio.wait_for(waiter, BEGIN_TIMEOUT_S)
+            reply = await asyncio.wait_for(waiter, min(BEGIN_TIMEOUT_S, self.landing_timeout_s))
         except (OSError, TimeoutError) as exc:
             _close_if_stalled(link, received, msg.request_id)
             raise ServiceUnavailableError(f"prefill host {link.peer_name} did not take the request: "
