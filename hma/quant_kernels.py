@@ -97,7 +97,7 @@ def _store_kv_kernel(k_ptr, v_ptr, k_stride, v_stride, slots_ptr, k_pool, k_scal
                      NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_ROWS: tl.constexpr,
                      DIM_ROWS: tl.constexpr, KIND: tl.constexpr, QMAX: tl.constexpr, ROUND: tl.constexpr,
                      GROUP: tl.constexpr):
-    token = tl.program_id(0)
+    token = tl.program_id(0).to(tl.int64)  # token * stride passes 2**31 for long prompts of wide models
     slot = tl.load(slots_ptr + token).to(tl.int64)
     if KIND == INT4:
         _quantize_store_int4(k_ptr, k_stride, k_pool, k_scales, token, slot, NUM_KV_HEADS, HEAD_DIM, HEAD_ROWS,
@@ -135,8 +135,9 @@ def quantize_rows(x: torch.Tensor, mode: str, qmax: float, min_scale: float) -> 
     q = torch.empty(rows, cols, dtype=torch.float8_e4m3fn if mode == "fp8" else torch.int8, device=x.device)
     scale = torch.empty(rows, 1, dtype=torch.float32, device=x.device)
     width = triton.next_power_of_2(cols)
-    kernels.triton_launch(_quantize_rows_kernel, (rows,), x, q, scale, cols, x.stride(0), QMAX=qmax, MIN_SCALE=min_scale,
-                  ROUND=mode == "int8", COLS=width, num_warps=8 if width >= 4096 else 4)
+    kernels.triton_launch(_quantize_rows_kernel, (rows,), x, q, scale, cols, x.stride(0), QMAX=qmax,
+                          MIN_SCALE=min_scale, ROUND=mode == "int8", COLS=width,
+                          num_warps=8 if width >= 4096 else 4)
     return q, scale
 
 

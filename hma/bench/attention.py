@@ -12,6 +12,7 @@ configuration, and names the fastest per format (`kernels.DecodeConfig`'s defaul
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import time
@@ -33,6 +34,7 @@ FILL_TOKENS = 1 << 16  # tokens written per call while filling the pools
 
 
 def candidates(tiles: list[int], warps: list[int], stages: list[int]) -> list[DecodeConfig]:
+    """Every combination of the given tiles, warps and stages."""
     return [DecodeConfig(t, w, s) for t, w, s in itertools.product(tiles, warps, stages)]
 
 
@@ -49,7 +51,7 @@ def filled_layer(kv_dtype: str, num_tokens: int, num_kv_heads: int, head_dim: in
 
 
 def sweep(kv_dtype: str, configs: list[DecodeConfig], batch: int, context: int, device: torch.device,
-          iters: int, attend: Callable = kernels.paged_decode_attention) -> list[dict]:
+          rep_ms: float, attend: Callable = kernels.paged_decode_attention) -> list[dict]:
     """Times every config on one layer; attend(q, layer, tables, lens, scale, config=...) is the kernel."""
     num_heads, num_kv_heads, head_dim = 32, 8, 128
     layer = filled_layer(kv_dtype, batch * context, num_kv_heads, head_dim, device)
@@ -63,34 +65,40 @@ def sweep(kv_dtype: str, configs: list[DecodeConfig], batch: int, context: int, 
     rows = []
     for config in configs:
         try:
-            error = (run(config).float() - expected).abs().max().item()
-            seconds = kernel_seconds(lambda: run(config), device, iters)
+            # relative to the largest output: rounding moves it ~1%, dropping one tile of 4,096 tokens ~20%
+            error = ((run(config).float() - expected).abs().max() / expected.abs().max()).item()
+            seconds = kernel_seconds(lambda: run(config), device, rep_ms)
         except Exception as exc:  # a config the compiler rejects (shared memory, registers) is listed, not fatal
-            rows.append({"kv_dtype": kv_dtype, **config._asdict(), "failed": f"{type(exc).__name__}: {exc}"[:200]})
+            rows.append({"kv_dtype": kv_dtype, **dataclasses.asdict(config),
+                         "failed": f"{type(exc).__name__}: {exc}"[:200]})
             continue
-        rows.append({"kv_dtype": kv_dtype, **config._asdict(), "seconds": seconds,
-                     "bytes_per_s": nbytes / seconds, "max_abs_diff": error})
+        rows.append({"kv_dtype": kv_dtype, **dataclasses.asdict(config), "seconds": seconds,
+                     "bytes_per_s": nbytes / seconds, "max_rel_diff": error})
     return rows
 
 
-def kernel_seconds(fn: Callable[[], object], device: torch.device, iters: int) -> float:
-    """Median time of fn on the GPU from CUDA events, L2 flushed between runs (triton's do_bench):
-    a host sync per run, as median_seconds does, would add the launch latency to a ~0.3 ms kernel."""
+def kernel_seconds(fn: Callable[[], object], device: torch.device, rep_ms: float) -> float:
+    """Median time of fn on the GPU from CUDA events over about rep_ms of runs, L2 flushed between
+    them (triton's do_bench): a host sync per run, as median_seconds does, would add the launch
+    latency to a ~0.3 ms kernel. On the CPU (the tests), one timed run."""
     if device.type != "cuda":
-        return median_seconds(fn, device, iters)
+        return median_seconds(fn, device, 1)
     from triton.testing import do_bench
 
-    return do_bench(fn, warmup=5, rep=max(1, iters) * 2, return_mode="median") / 1e3
+    return do_bench(fn, warmup=5, rep=rep_ms, return_mode="median") / 1e3
 
 
-def fastest(rows: list[dict], tolerance: float = 0.05) -> DecodeConfig:
-    """The quickest config whose output stays within tolerance of the default's."""
-    ok = [r for r in rows if "seconds" in r and r["max_abs_diff"] <= tolerance]
+def fastest(rows: list[dict], tolerance: float = 0.05) -> DecodeConfig | None:
+    """The quickest config whose output stays within tolerance (relative) of the default's."""
+    ok = [r for r in rows if "seconds" in r and r["max_rel_diff"] <= tolerance]
+    if not ok:
+        return None
     best = min(ok, key=lambda r: r["seconds"])
-    return DecodeConfig(*(best[f] for f in DecodeConfig._fields))
+    return DecodeConfig(**{f.name: best[f.name] for f in dataclasses.fields(DecodeConfig)})
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """Sweeps every format, prints the table, writes the JSON."""
     parser = argparse.ArgumentParser(prog="python -m hma bench attention", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kv-dtypes", default="bf16,fp8,int8,int4")
@@ -100,7 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--warps", default="4,8")
     parser.add_argument("--stages", default="2,3")
     parser.add_argument("--device", default=None)
-    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--rep-ms", type=float, default=40.0, help="GPU time spent timing each config")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     ints = lambda text: [int(x) for x in text.split(",") if x]  # noqa: E731
@@ -108,13 +116,14 @@ def main(argv: list[str] | None = None) -> dict:
     if device.type != "cuda":
         raise SystemExit("bench attention times a GPU kernel: it needs --device cuda")
     src = torch.empty(COPY_BYTES, dtype=torch.uint8, device=device)
-    copy = 2 * COPY_BYTES / median_seconds(lambda: torch.empty_like(src).copy_(src), device, args.iters)
+    copy = 2 * COPY_BYTES / median_seconds(lambda: torch.empty_like(src).copy_(src), device, 10)
     del src
     configs = candidates(ints(args.tiles), ints(args.warps), ints(args.stages))
     rows, best = [], {}
     for kv_dtype in args.kv_dtypes.split(","):
-        found = sweep(kv_dtype, configs, args.batch_size, args.context, device, args.iters)
-        best[kv_dtype] = fastest(found)._asdict()
+        found = sweep(kv_dtype, configs, args.batch_size, args.context, device, args.rep_ms)
+        best_config = fastest(found)
+        best[kv_dtype] = best_config and dataclasses.asdict(best_config)  # None: no config passed
         rows += found
         torch.cuda.empty_cache()
     out = {"machine": machine_name(device), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),

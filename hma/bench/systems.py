@@ -204,7 +204,8 @@ def table(results: list[dict], calibration: Calibration | None = None) -> str:
     for result in results:
         found = {(s["system"], t["trace"]): t for s in result["systems"] for t in s["traces"]}
         for (name, trace), t in found.items():
-            g, p = t["goodput"], t["predicted_goodput"] if calibration is None else repredict(result, name, t, calibration)
+            g = t["goodput"]
+            p = t["predicted_goodput"] if calibration is None else repredict(result, name, t, calibration)
             error = f"{(p - g) / g:+.0%}" if g and p is not None else "n/a"
             shown = _shown(g, t)
             per_gpu = _num(g / 2) if g is not None else "n/a"
@@ -283,7 +284,9 @@ def main(argv: list[str] | None = None) -> dict | None:
         calibration = None
         if args.calibration:
             runs = [json.loads(p.read_text()) for p in args.calibration]
-            calibration = calibrate({"shapes": [s for r in runs for s in r["shapes"]]}, ACCELERATORS[args.card])
+            merged = {"shapes": [s for r in runs for s in r["shapes"]],
+                      "num_layers": next((r["num_layers"] for r in runs if r.get("num_layers")), None)}
+            calibration = calibrate(merged, ACCELERATORS[args.card])  # refuses cut-layer runs
         print(table([json.loads(p.read_text()) for p in args.table], calibration))
         return None
     out_of_time = time.monotonic() + args.time_budget_s
