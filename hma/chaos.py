@@ -88,7 +88,7 @@ class Chaos:
     def __init__(self, cluster: LocalCluster, proxies: ProxyThread, total: int) -> None:
         self.cluster, self.proxies, self.total = cluster, proxies, total
         self.done = self.in_flight = 0
-        self.events: list[str] = []
+        self.events: list[tuple[int, str]] = []  # (requests done when it began, what happened)
         self.steps = list(SCHEDULE)
         self.restarts: dict[str, threading.Thread] = {}  # host -> its SIGTERM or SIGSTOP, still going
 
@@ -107,7 +107,8 @@ class Chaos:
                 time.sleep(STOP_S)
                 self.cluster.processes[name].send_signal(signal.SIGCONT)
                 outcome = f"SIGCONT {STOP_S:g} s later"
-            self.events.append(f"SIG{action.upper()} {name} at request {done} ({in_flight} in flight): {outcome}")
+            self.events.append((done, f"SIG{action.upper()} {name} at request {done} ({in_flight} in flight): "
+                                      f"{outcome}"))
 
         self.restarts[name] = threading.Thread(target=run, args=(self.done, self.in_flight))
         self.restarts[name].start()
@@ -123,14 +124,15 @@ class Chaos:
             if action == "kill":
                 self.cluster.kill(arg)
                 self.cluster.respawn(arg)
-                self.events.append(f"SIGKILL {arg} at request {self.done} ({self.in_flight} in flight), restarted")
+                self.events.append((self.done, f"SIGKILL {arg} at request {self.done} ({self.in_flight} in flight), "
+                                                "restarted"))
             elif action in ("term", "stop"):
                 self._in_background(action, arg)
             else:
                 self.proxies.set_mode(action, arg)
                 if action != "pass":
-                    self.events.append(f"{action} {'every proxy' if arg is None else f'proxy {arg}'} "
-                                       f"at request {self.done}")
+                    self.events.append((self.done, f"{action} {'every proxy' if arg is None else f'proxy {arg}'} "
+                                                   f"at request {self.done}"))
 
 
 async def drive(chaos: Chaos, args: argparse.Namespace, expected: dict[str, str]) -> Counter:
@@ -214,7 +216,8 @@ def run(args: argparse.Namespace) -> dict:
         cluster.stop()
         proxies.stop()
     report = {"requests": args.requests, "concurrency": args.concurrency, "duration_s": round(duration, 1),
-              "settle_s": round(settle, 1), "faults": chaos.events, "chunks_faulted": dict(proxies.injected()),
+              "settle_s": round(settle, 1), "faults": [event for _, event in sorted(chaos.events)],
+              "chunks_faulted": dict(proxies.injected()),
               "placed_again": placed_again,
               "outcomes": dict(outcomes.most_common()), "hung": outcomes["hung"],
               "kv_blocks_used_after": held, "hosts_not_back": NUM_HOSTS - len(held),

@@ -7,8 +7,9 @@ frame checksum must catch that); "truncate" forwards half of it, then closes bot
 holds each chunk SLOW_S first; "stall" freezes that connection (nothing more is forwarded or read
 from the target, so its sender feels back-pressure) until a peer closes it. corrupt, truncate and
 stall hit the next chunk only (one connection), then the proxy passes again; slow lasts until the
-next command. The proxies run in one background thread
-with their own event loop, so the caller may block (start processes, sleep) while bytes flow.
+next command. The proxies run in one background thread with their own event loop, so the caller
+may block (start processes, sleep) while bytes flow; stop() closes every connection, stalled ones
+included.
 """
 
 from __future__ import annotations

@@ -80,7 +80,7 @@ class HostLink:
             if heartbeat.done():
                 heartbeat.result()  # raises why the host stopped answering
         except (HMAError, TimeoutError, OSError) as exc:  # a status query failed or timed out
-            log.warning("%s host=%s lost: %s", self.role, self.address, exc or type(exc).__name__)
+            log.warning("%s host=%s lost: %s", self.role, self.address, str(exc) or type(exc).__name__)
         finally:
             reader.cancel()
             if heartbeat is not None:
@@ -95,7 +95,10 @@ class HostLink:
         """Returns never: raises once a status query goes unanswered (a host stopped, not closed)."""
         while True:
             await asyncio.sleep(HEARTBEAT_S)
-            await self.query("status", conn=conn)
+            try:
+                await self.query("status", conn=conn)
+            except TimeoutError:
+                raise ServiceUnavailableError(f"no answer to a status query within {QUERY_TIMEOUT_S:g} s") from None
 
     def _sort_reply(self, msg: Message) -> None:
         key = msg.query_id if isinstance(msg, QueryReply) else getattr(msg, "request_id", None)
