@@ -12,7 +12,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from hma.errors import HMAError, InvalidRequestError, ModelNotFoundError
+from hma.errors import HMAError, InvalidRequestError, ModelNotFoundError, describe
 from hma.sampling import SamplingParams
 
 MAX_STOP_STRINGS = 16
@@ -291,7 +291,7 @@ def error_body(exc: Exception) -> tuple[int, dict]:
     fallback = "invalid_request_error" if exc.status < 500 else "internal_error"
     kind = _ERROR_TYPES.get(exc.status, fallback)
     param = getattr(exc, "param", None)  # a subclass may define its own __init__
-    return exc.status, _error(str(exc) or type(exc).__name__, kind, param, exc.code)
+    return exc.status, _error(describe(exc), kind, param, exc.code)
 
 
 def _error(message: str, kind: str, param: str | None, code: str) -> dict:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from hma.async_engine import AsyncEngine, OutputStream
 from hma.config import EngineConfig, HostConfig
 from hma.engine import LLMEngine, warm_up
-from hma.errors import HMAError, InvalidRequestError, ProtocolError, ServiceUnavailableError
+from hma.errors import HMAError, InvalidRequestError, ProtocolError, ServiceUnavailableError, describe
 from hma.host import DEFAULT_PORTS, listen_until_stopped, load_engine, phase, resolve_secret
 from hma.kv_cache import blocks_for
 from hma.kv_formats import KVFormat, get_kv_format
@@ -275,7 +275,7 @@ class DecodeServer:
         except (OSError, TimeoutError) as exc:
             _close_if_stalled(link, received, msg.request_id)
             raise ServiceUnavailableError(f"prefill host {link.peer_name} did not take the request: "
-                                          f"{exc or type(exc).__name__}") from None
+                                          f"{describe(exc)}") from None
         finally:
             self.begin_replies.pop(msg.request_id, None)
         if not reply.accepted and reply.retryable:  # e.g. draining: another prefill host may take it
@@ -298,7 +298,7 @@ class DecodeServer:
             return await asyncio.shield(task)
         except (OSError, TimeoutError, HandshakeError, InvalidRequestError) as exc:
             raise ServiceUnavailableError(f"prefill host {address} is unreachable: "
-                                          f"{exc or type(exc).__name__}") from None
+                                          f"{describe(exc)}") from None
 
     async def _open_link(self, address: str) -> Connection:
         conn = await connect(*parse_address(address), self.hello(), self.secret)

@@ -84,3 +84,8 @@ class NotFoundError(HMAError):
 
     status = 404
     code = "not_found"
+
+
+def describe(exc: BaseException) -> str:
+    """The exception's message, or its type's name when it has none (a TimeoutError has none)."""
+    return str(exc) or type(exc).__name__

@@ -27,7 +27,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
-from hma.errors import HMAError, InvalidRequestError, ServiceUnavailableError
+from hma.errors import HMAError, InvalidRequestError, ServiceUnavailableError, describe
 from hma.request import Request, RequestOutput, RequestStatus
 from hma.sampling import SamplingParams
 from hma.transport import Connection, HandshakeError, connect, for_each_message, parse_address
@@ -80,7 +80,7 @@ class HostLink:
             if heartbeat.done():
                 heartbeat.result()  # raises why the host stopped answering
         except (HMAError, TimeoutError, OSError) as exc:  # a status query failed or timed out
-            log.warning("%s host=%s lost: %s", self.role, self.address, str(exc) or type(exc).__name__)
+            log.warning("%s host=%s lost: %s", self.role, self.address, describe(exc))
         finally:
             reader.cancel()
             if heartbeat is not None:
@@ -273,7 +273,7 @@ class Cluster:
             await decode.conn.send(msg)
             reply = await asyncio.wait_for(replies.get(), BEGIN_TIMEOUT_S)
         except (OSError, TimeoutError, AttributeError) as exc:  # AttributeError: conn lost meanwhile
-            reply = BeginReply(msg.request_id, False, f"no answer: {exc or type(exc).__name__}", retryable=True)
+            reply = BeginReply(msg.request_id, False, f"no answer: {describe(exc)}", retryable=True)
         lost_prefill = isinstance(reply, ErrorMessage) and reply.code == ServiceUnavailableError.code
         if isinstance(reply, ErrorMessage):
             reply = BeginReply(msg.request_id, False, reply.message)

@@ -28,7 +28,7 @@ import torch
 from hma.batch import Batch, SeqChunk
 from hma.config import EngineConfig, HostConfig
 from hma.engine import LLMEngine
-from hma.errors import HMAError, ProtocolError
+from hma.errors import HMAError, ProtocolError, describe
 from hma.host import DEFAULT_PORTS, listen_until_stopped, load_engine, phase, resolve_secret
 from hma.kv_cache import KVCache, blocks_for
 from hma.kv_transfer import take_layer_kv, token_slots
@@ -214,7 +214,7 @@ class PrefillServer:
             try:
                 await conn.send(msg)
             except (OSError, TimeoutError) as exc:  # TimeoutError: the write deadline (DRAIN_TIMEOUT_S)
-                log.warning("send failed peer=%s reason=%s", conn.peer_name, str(exc) or type(exc).__name__)
+                log.warning("send failed peer=%s reason=%s", conn.peer_name, describe(exc))
                 conn.abort()  # the reader sees it and drops the peer's requests
                 return
             if isinstance(msg, KVLayer):

@@ -14,7 +14,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from hma.errors import HMAError, InvalidRequestError, ProtocolError
+from hma.errors import HMAError, InvalidRequestError, ProtocolError, describe
 from hma.wire import (CHECKSUM_SIZE, DEFAULT_MAX_PAYLOAD_BYTES, FRAME_PREFIX_SIZE, PROTOCOL_VERSION,
                       Hello, HelloProof, HelloReject, Message, check_proof, decode_body, encode,
                       make_proof, parse_prefix)
@@ -97,7 +97,7 @@ async def for_each_message(conn: Connection, handle: Callable[[Message], Awaitab
     except asyncio.IncompleteReadError:
         log.info("peer=%s closed its connection", conn.peer_name)
     except (HMAError, TimeoutError, OSError) as exc:
-        log.warning("dropping peer=%s reason=%s", conn.peer_name, exc or type(exc).__name__)
+        log.warning("dropping peer=%s reason=%s", conn.peer_name, describe(exc))
 
 
 async def _send(writer: asyncio.StreamWriter, msg: Message) -> int:
@@ -199,7 +199,7 @@ async def serve(host: str, port: int, hello_factory: Callable[[], Hello], secret
         try:
             conn = await handshake(reader, writer, hello_factory(), secret, max_payload_bytes)
         except (HandshakeError, ProtocolError, TimeoutError, asyncio.IncompleteReadError, OSError) as exc:
-            log.warning("refused peer=%s reason=%s", address, exc or type(exc).__name__)
+            log.warning("refused peer=%s reason=%s", address, describe(exc))
             writer.close()
             return
         log.info("connected peer=%s", conn.peer_name)

@@ -235,3 +235,23 @@ async def test_sigterm_refuses_new_requests_and_finishes_those_in_flight_then_ex
             await router.close()
         prefill_host.close()
         server.worker.stop()
+
+
+async def test_a_prefill_host_that_never_answers_requestbegin_fails_it_within_the_landing_timeout():
+    decode = engine_from_hf(tiny_hf_model("Qwen3ForCausalLM"), num_blocks=16, block_size=4, kv_dtype="int8")
+
+    async def mute_prefill(conn) -> None:  # reads RequestBegin, answers nothing, stays connected
+        await conn.recv()
+        await asyncio.sleep(30)
+
+    prefill, address = await _prefill_host(mute_prefill)
+    try:
+        async with _decode_host(decode, landing_timeout_s=0.5) as (server, router):
+            t0 = time.monotonic()
+            await router.send(Generate("unanswered", PROMPT, GREEDY, address))
+            failed = await router.recv(timeout=10)
+            assert isinstance(failed, ErrorMessage) and time.monotonic() - t0 < 5  # not BEGIN_TIMEOUT_S
+            assert failed.message.endswith("did not take the request: TimeoutError")
+            assert await _all_blocks_free(decode) and not server.landing.pending
+    finally:
+        prefill.close()
