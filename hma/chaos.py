@@ -1,15 +1,16 @@
-"""The chaos run: `python -m hma chaos --requests 300`.
+"""The chaos run: `python -m hma chaos` (300 requests by default).
 
 Two prefill hosts, two decode hosts and the router run as processes on loopback with the demo model
 (int8 KV), each prefill host behind a fault-injecting proxy (hma/faults.py), so every KV stream and
 the router's link to the prefill hosts cross it. Greedy requests are driven through the router at a
 fixed concurrency while a schedule, paced by the requests done, corrupts, truncates, slows and
-stalls the proxied streams, SIGKILLs hosts with requests in flight and SIGTERMs others (they
-drain), then starts them again. The report: requests sent; completed with the single-process
-engine's greedy output (or with another one); failed with a clear error (an HTTP error body or an
-SSE error event, by message); hung (no answer within --request-timeout-s: must be 0); KV blocks in
-use on each host once every host is back and idle (hma:kv_cache_used_blocks from the router's
-/metrics: must be 0); router restarts (must be 0).
+stalls the proxied streams, SIGKILLs hosts with requests in flight, SIGTERMs others (they drain and
+exit) and starts them again, and SIGSTOPs some for STOP_S (they miss their heartbeats). The report:
+requests sent; completed with the single-process engine's greedy output (or with another one: must
+be 0); failed with a clear error (an HTTP error body or an SSE error event, by message); hung (no
+answer within --request-timeout-s: must be 0); hosts not back in the router's rotation and KV
+blocks in use on each host once the cluster is idle (hma:kv_cache_used_blocks from the router's
+/metrics), both must be 0; router restarts (must be 0).
 """
 
 from __future__ import annotations
@@ -252,15 +253,15 @@ def _print(report: dict) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m hma chaos", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--requests", type=int, default=300)
-    parser.add_argument("--concurrency", type=int, default=8)
-    parser.add_argument("--max-tokens", type=int, default=8)
+    parser.add_argument("--requests", type=int, default=300, help="requests to send in all")
+    parser.add_argument("--concurrency", type=int, default=8, help="requests in flight at a time")
+    parser.add_argument("--max-tokens", type=int, default=8, help="tokens per request (greedy)")
     parser.add_argument("--request-timeout-s", type=float, default=180.0, help="longer than this counts as hung")
     parser.add_argument("--settle-timeout-s", type=float, default=90.0, help="wait for hosts to be back and idle")
     parser.add_argument("--landing-timeout-s", type=float, default=10.0,
                         help="the decode hosts': how long a stalled KV stream holds its request")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--seed", type=int, default=0, help="where the corrupted bits fall")
+    parser.add_argument("--json", type=Path, default=None, help="also write the report here")
     return parser.parse_args(argv)
 
 
