@@ -47,6 +47,7 @@ def test_the_table_shows_brackets_planner_error_and_ratios():
 def test_the_loopback_link_is_measured_through_the_transport():
     (row,) = measure_link([64], num_layers=4, iters=1)
     assert row["bytes"] == 4 * 2 * 64 * 8 * (128 + 2) and row["gbytes_per_s"] > 0
+    assert row["raw_gbytes_per_s"] > 0  # the plain-socket baseline, same bytes, same run
 
 
 def test_a_short_colocated_run_on_the_cpu_finds_a_goodput(tmp_path):
