@@ -20,34 +20,6 @@ from hma.kv_formats import AbsmaxFormat, CastFormat, Int4Format, KVFormat
 
 
 @triton.jit
-def _quantize_store(x_ptr, x_stride, pool_ptr, scales_ptr, token, slot, NUM_KV_HEADS: tl.constexpr,
-                    HEAD_DIM: tl.constexpr, HEAD_ROWS: tl.constexpr, DIM_ROWS: tl.constexpr,
-                    KIND: tl.constexpr, QMAX: tl.constexpr, ROUND: tl.constexpr):
-    """One token's (heads, head_dim) K or V, quantized as kv_formats does it, into its slot."""
-    h = tl.arange(0, HEAD_ROWS)
-    d = tl.arange(0, DIM_ROWS)
-    mask = (h < NUM_KV_HEADS)[:, None] & (d < HEAD_DIM)[None, :]
-    x = tl.load(x_ptr + token * x_stride + h[:, None] * HEAD_DIM + d[None, :], mask=mask, other=0)
-    at = (slot * NUM_KV_HEADS + h)[:, None] * HEAD_DIM + d[None, :]
-    if KIND == CAST:
-        tl.store(pool_ptr + at, x.to(pool_ptr.dtype.element_ty), mask=mask)
-    else:
-        # scale = amax / qmax rounded up to float16 (round to nearest, then one step up if that
-        # fell below), at least 2**-24: AbsmaxFormat.quantize, bit for bit.
-        x = x.to(tl.float32)
-        wanted = tl.minimum(tl.math.div_rn(tl.max(tl.abs(x), axis=1), QMAX), 65504.0)
-        scale = wanted.to(tl.float16)
-        bits = scale.to(tl.int16, bitcast=True)
-        scale = tl.where(scale.to(tl.float32) < wanted, (bits + 1).to(tl.float16, bitcast=True), scale)
-        scale = tl.maximum(scale, 2.0**-24)
-        q = tl.minimum(tl.maximum(tl.math.div_rn(x, scale.to(tl.float32)[:, None]), -QMAX), QMAX)
-        if ROUND:  # round half to even, exact for |q| < 2**22: what torch.round does
-            q = (q + 12582912.0) - 12582912.0
-        tl.store(pool_ptr + at, q.to(pool_ptr.dtype.element_ty), mask=mask)
-        tl.store(scales_ptr + slot * NUM_KV_HEADS + h, scale, mask=h < NUM_KV_HEADS)
-
-
-@triton.jit
 def _to_half(x, UP: tl.constexpr):
     """float32 x rounded to float16 towards +inf (UP) or -inf, within float16's finite range:
     kv_formats._to_scale_dtype, bit for bit (round to nearest, then one step if on the wrong side)."""
@@ -61,6 +33,36 @@ def _to_half(x, UP: tl.constexpr):
         wrong = h.to(tl.float32) > x
         step = tl.where(bits == 0, -32767, tl.where(h > 0, bits - 1, bits + 1))  # to the least negative
     return tl.where(wrong, step.to(tl.int16).to(tl.float16, bitcast=True), h)
+
+
+@triton.jit
+def _round_half_even(q):
+    """q rounded to the nearest integer, ties to even, as torch.round does (exact for |q| < 2**22:
+    adding 1.5 * 2**23 leaves no fraction bits, and float32 addition rounds ties to even)."""
+    return (q + 12582912.0) - 12582912.0
+
+
+@triton.jit
+def _quantize_store(x_ptr, x_stride, pool_ptr, scales_ptr, token, slot, NUM_KV_HEADS: tl.constexpr,
+                    HEAD_DIM: tl.constexpr, HEAD_ROWS: tl.constexpr, DIM_ROWS: tl.constexpr,
+                    KIND: tl.constexpr, QMAX: tl.constexpr, ROUND: tl.constexpr):
+    """One token's (heads, head_dim) K or V, quantized as kv_formats does it, into its slot."""
+    h = tl.arange(0, HEAD_ROWS)
+    d = tl.arange(0, DIM_ROWS)
+    mask = (h < NUM_KV_HEADS)[:, None] & (d < HEAD_DIM)[None, :]
+    x = tl.load(x_ptr + token * x_stride + h[:, None] * HEAD_DIM + d[None, :], mask=mask, other=0)
+    at = (slot * NUM_KV_HEADS + h)[:, None] * HEAD_DIM + d[None, :]
+    if KIND == CAST:
+        tl.store(pool_ptr + at, x.to(pool_ptr.dtype.element_ty), mask=mask)
+    else:
+        # scale = amax / qmax rounded up to float16, at least 2**-24: AbsmaxFormat.quantize, bit for bit.
+        x = x.to(tl.float32)
+        scale = tl.maximum(_to_half(tl.math.div_rn(tl.max(tl.abs(x), axis=1), QMAX), True), 2.0**-24)
+        q = tl.minimum(tl.maximum(tl.math.div_rn(x, scale.to(tl.float32)[:, None]), -QMAX), QMAX)
+        if ROUND:
+            q = _round_half_even(q)
+        tl.store(pool_ptr + at, q.to(pool_ptr.dtype.element_ty), mask=mask)
+        tl.store(scales_ptr + slot * NUM_KV_HEADS + h, scale, mask=h < NUM_KV_HEADS)
 
 
 @triton.jit
@@ -79,7 +81,7 @@ def _quantize_store_int4(x_ptr, x_stride, pool_ptr, scales_ptr, token, slot, NUM
     high = tl.max(tl.where(in_group, groups, float("-inf")), axis=2)
     step = tl.maximum(_to_half(tl.math.div_rn(high - low.to(tl.float32), 15.0), True), 2.0**-24)
     q = tl.math.div_rn(groups - low.to(tl.float32)[:, :, None], step.to(tl.float32)[:, :, None])
-    q = tl.minimum(tl.maximum((q + 12582912.0) - 12582912.0, 0.0), 15.0).to(tl.uint8)  # round half to even
+    q = tl.minimum(tl.maximum(_round_half_even(q), 0.0), 15.0).to(tl.uint8)
     even, odd = tl.split(tl.reshape(q, (HEAD_ROWS, DIM_ROWS // 2, 2)))
     j = tl.arange(0, DIM_ROWS // 2)
     row = slot * NUM_KV_HEADS + h
@@ -121,8 +123,8 @@ def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, cols, x_stride, QMAX: tl.cons
     x = tl.load(x_ptr + row * x_stride + c, mask=mask, other=0).to(tl.float32)
     scale = tl.maximum(tl.math.div_rn(tl.max(tl.abs(x), axis=0), QMAX), MIN_SCALE)
     q = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -QMAX), QMAX)
-    if ROUND:  # round half to even, exact for |q| < 2**22: what torch.round does
-        q = (q + 12582912.0) - 12582912.0
+    if ROUND:
+        q = _round_half_even(q)
     tl.store(q_ptr + row * cols + c, q.to(q_ptr.dtype.element_ty), mask=mask)
     tl.store(scale_ptr + row, scale)
 
