@@ -23,7 +23,7 @@ import torch
 
 from hma import kernels
 from hma.attention import write_kv
-from hma.bench.speed import COPY_BYTES, machine_name, median_seconds
+from hma.bench.speed import copy_bytes_per_s, machine_name, median_seconds
 from hma.engine import resolve_device
 from hma.kernels import DecodeConfig
 from hma.kv_cache import LayerKV
@@ -115,9 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
     device = resolve_device(args.device)
     if device.type != "cuda":
         raise SystemExit("bench attention times a GPU kernel: it needs --device cuda")
-    src = torch.empty(COPY_BYTES, dtype=torch.uint8, device=device)
-    copy = 2 * COPY_BYTES / median_seconds(lambda: torch.empty_like(src).copy_(src), device, 10)
-    del src
+    copy = copy_bytes_per_s(device, 10)
     configs = candidates(ints(args.tiles), ints(args.warps), ints(args.stages))
     rows, best = [], {}
     for kv_dtype in args.kv_dtypes.split(","):

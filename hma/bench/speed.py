@@ -76,11 +76,16 @@ def machine_name(device: torch.device) -> str:
     return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
 
 
-def measure_peaks(device: torch.device, iters: int) -> dict[str, float]:
-    """Copy bandwidth (bytes read + written / s) and matmul rates (FLOP/s) of this device."""
+def copy_bytes_per_s(device: torch.device, iters: int) -> float:
+    """Device-to-device copy bandwidth: bytes read + written per second."""
     src = torch.empty(COPY_BYTES, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    peaks = {"copy_bytes_per_s": 2 * COPY_BYTES / median_seconds(lambda: dst.copy_(src), device, iters)}
+    return 2 * COPY_BYTES / median_seconds(lambda: dst.copy_(src), device, iters)
+
+
+def measure_peaks(device: torch.device, iters: int) -> dict[str, float]:
+    """Copy bandwidth (bytes read + written / s) and matmul rates (FLOP/s) of this device."""
+    peaks = {"copy_bytes_per_s": copy_bytes_per_s(device, iters)}
     n = MATMUL_SIZE
     a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
