@@ -5,14 +5,19 @@ model fingerprint, a role this side talks to); send HelloProof over the peer's n
 check the peer's proof. Any mismatch is answered with HelloReject and the connection closed,
 so both sides log the same reason. Every read and drain has a timeout; a frame that fails to
 decode ends its connection (the stream can no longer be trusted), never the process.
+Received frames skip asyncio's StreamReader (which copies every byte twice more): FrameReader
+has the socket write each frame into a buffer of its own, so decoded tensors are views of it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+
+import numpy as np
 
 from hma.errors import HMAError, InvalidRequestError, ProtocolError, describe
 from hma.wire import (CHECKSUM_SIZE, DEFAULT_MAX_PAYLOAD_BYTES, FRAME_PREFIX_SIZE, PROTOCOL_VERSION,
@@ -25,7 +30,12 @@ CONNECT_TIMEOUT_S = 10.0
 HANDSHAKE_TIMEOUT_S = 10.0
 READ_TIMEOUT_S = 60.0    # a KV stream silent this long is dead
 DRAIN_TIMEOUT_S = 60.0   # a peer that stops reading this long is dead (back-pressure bound)
-STREAM_LIMIT = 8 << 20  # read buffer: a KV layer frame arrives without pausing the socket every 64 KiB
+STREAM_LIMIT = 8 << 20  # bytes of received frames waiting for recv() before the socket is paused
+# np.empty's memory starts 16-aligned (malloc's guarantee), enough for every KV dtype: payloads
+# placed on it need no aligning copy in wire.decode_body (which checks, and copies if not)
+PAYLOAD_ALIGN = 16
+SMALL_FRAME_BYTES = 64 << 10  # frames up to this size go to the socket as one buffer
+SCRATCH_BYTES = 64 << 10  # read between large bodies: many small frames a recv, not two recvs each
 
 # Who may talk to whom: a prefill host pushes KV to decode hosts; the router talks to both.
 PEERS = {"prefill": {"decode", "router"}, "decode": {"prefill", "router"}, "router": {"prefill", "decode"}}
@@ -42,7 +52,7 @@ class HandshakeError(HMAError):
 class Connection:
     """One authenticated TCP connection carrying wire frames."""
 
-    reader: asyncio.StreamReader
+    reader: FrameReader
     writer: asyncio.StreamWriter
     peer: Hello
     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
@@ -69,7 +79,7 @@ class Connection:
 
     async def recv(self, timeout: float | None = READ_TIMEOUT_S) -> Message:
         """Reads one frame; raises ProtocolError (bad frame), TimeoutError or IncompleteReadError."""
-        msg, self.last_frame_bytes = await asyncio.wait_for(_recv(self.reader, self.max_payload_bytes), timeout)
+        msg, self.last_frame_bytes = await asyncio.wait_for(_recv(self.reader), timeout)
         self.bytes_received += self.last_frame_bytes
         return msg
 
@@ -103,21 +113,147 @@ async def for_each_message(conn: Connection, handle: Callable[[Message], Awaitab
 async def _send(writer: asyncio.StreamWriter, msg: Message) -> int:
     """Writes one frame and waits for the peer to take it; returns its size in bytes."""
     buffers = encode(msg)
-    writer.writelines(buffers)
+    size = sum(memoryview(b).nbytes for b in buffers)
+    # every write before the first await, so frames of concurrent senders never interleave
+    if size <= SMALL_FRAME_BYTES:
+        writer.write(b"".join(buffers))  # one send; the join copies little
+    else:  # one write per buffer: writelines would join them, one more copy of the whole frame
+        for buf in buffers:
+            writer.write(buf)
     await asyncio.wait_for(writer.drain(), DRAIN_TIMEOUT_S)
-    return sum(memoryview(b).nbytes for b in buffers)
+    return size
 
 
-async def _recv(reader: asyncio.StreamReader, max_payload_bytes: int) -> tuple[Message, int]:
+async def _recv(reader: FrameReader) -> tuple[Message, int]:
     """One message and its frame's size in bytes."""
-    prefix = await reader.readexactly(FRAME_PREFIX_SIZE)
-    header_len, payload_len = parse_prefix(prefix, max_payload_bytes)  # limits before allocating
-    body = await reader.readexactly(header_len + payload_len + CHECKSUM_SIZE)
-    return decode_body(body, header_len, payload_len), FRAME_PREFIX_SIZE + len(body)
+    body, header_len, payload_len = await reader.next_frame()
+    return decode_body(body, header_len, payload_len), FRAME_PREFIX_SIZE + body.nbytes
 
 
-async def handshake(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, hello: Hello,
-                    secret: bytes, max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> Connection:
+class FrameReader(asyncio.StreamReaderProtocol, asyncio.BufferedProtocol):
+    """A connection's protocol: the socket writes each frame's body straight into a buffer
+    allocated for that frame alone (get_buffer), so a large frame is not copied after recv_into.
+
+    Between bodies the socket fills a small scratch buffer, which may hold many small frames and
+    the start of a large one; those bytes are copied out, the rest of the large body is not.
+    A StreamReaderProtocol without a StreamReader, so StreamWriter's drain and close work on it
+    unchanged; being a BufferedProtocol too makes the transport call get_buffer, not data_received.
+    Complete frames queue for next_frame(); past STREAM_LIMIT queued bytes the socket is paused.
+    A bad prefix, EOF or a lost connection ends the queue: next_frame() raises it once drained.
+    """
+
+    def __init__(self, max_payload_bytes: int,
+                 on_connected: Callable[[FrameReader, asyncio.StreamWriter], Awaitable[None]] | None = None) -> None:
+        # StreamReaderProtocol calls back with (its reader, writer); ours has no reader but this
+        super().__init__(None, on_connected and (lambda _, writer: on_connected(self, writer)))
+        self.max_payload_bytes = max_payload_bytes
+        self._scratch = memoryview(bytearray(SCRATCH_BYTES))
+        self._scratch_len = 0
+        self._body: memoryview | None = None  # the large frame being read straight from the socket
+        self._body_lengths = (0, 0)  # its (header_len, payload_len)
+        self._filled = 0  # bytes of _body received so far
+        self._frames: collections.deque[tuple[memoryview, int, int]] = collections.deque()
+        self._queued_bytes = 0
+        self._end: BaseException | None = None  # what next_frame raises once the queue is empty
+        self._waiter: asyncio.Future | None = None
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._body is None:
+            return self._scratch[self._scratch_len:]
+        return self._body[self._filled:]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self._body is None:
+            self._scratch_len += nbytes
+            self._split_scratch()
+            return
+        self._filled += nbytes
+        if self._filled == self._body.nbytes:
+            self._queue(self._body, *self._body_lengths)
+            self._body = None
+
+    def _split_scratch(self) -> None:
+        """Queues every frame the scratch holds; a frame it holds only the start of becomes _body."""
+        data, pos = self._scratch[:self._scratch_len], 0
+        while data.nbytes - pos >= FRAME_PREFIX_SIZE:
+            try:  # the limits, before anything is allocated
+                header_len, payload_len = parse_prefix(data[pos:pos + FRAME_PREFIX_SIZE], self.max_payload_bytes)
+            except ProtocolError as exc:
+                self._transport.pause_reading()  # past a bad prefix the stream has no boundaries
+                self._finish(exc)
+                return
+            pos += FRAME_PREFIX_SIZE
+            body = _frame_buffer(header_len, payload_len)
+            taken = min(body.nbytes, data.nbytes - pos)
+            body[:taken] = data[pos:pos + taken]
+            pos += taken
+            if taken < body.nbytes:  # the scratch is used up; the rest comes straight from the socket
+                self._body, self._body_lengths, self._filled = body, (header_len, payload_len), taken
+                break
+            self._queue(body, header_len, payload_len)
+        rest = bytes(data[pos:])  # part of the next prefix (under 18 bytes), or nothing
+        self._scratch[:len(rest)] = rest
+        self._scratch_len = len(rest)
+
+    def _queue(self, body: memoryview, header_len: int, payload_len: int) -> None:
+        self._frames.append((body, header_len, payload_len))
+        self._queued_bytes += body.nbytes
+        if self._queued_bytes > STREAM_LIMIT:
+            self._transport.pause_reading()  # back-pressure: recv() is not keeping up
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self._finish(self._incomplete())
+        return super().eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._finish(exc or self._incomplete())
+        super().connection_lost(exc)
+
+    def _incomplete(self) -> asyncio.IncompleteReadError:
+        """The stream ended here: inside a body, a prefix, or (partial == b"") between frames."""
+        if self._body is not None:
+            return asyncio.IncompleteReadError(bytes(self._body[:self._filled]), self._body.nbytes)
+        return asyncio.IncompleteReadError(bytes(self._scratch[:self._scratch_len]), FRAME_PREFIX_SIZE)
+
+    def _finish(self, end: BaseException) -> None:
+        if self._end is None:
+            self._end = end
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def next_frame(self) -> tuple[memoryview, int, int]:
+        """(body, header_len, payload_len) of the next frame; body is its own buffer, never reused.
+        Raises what ended the stream (ProtocolError, IncompleteReadError, OSError) once drained."""
+        if self._waiter is not None:
+            raise RuntimeError("next_frame() called while another task is waiting for a frame")
+        while not self._frames:
+            if self._end is not None:
+                raise self._end
+            self._waiter = self._loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        frame = self._frames.popleft()
+        was_over = self._queued_bytes > STREAM_LIMIT
+        self._queued_bytes -= frame[0].nbytes
+        if was_over and self._queued_bytes <= STREAM_LIMIT and self._end is None:
+            self._transport.resume_reading()  # undoes _queue's pause, and only that one
+        return frame
+
+
+def _frame_buffer(header_len: int, payload_len: int) -> memoryview:
+    """A new body buffer whose payload starts PAYLOAD_ALIGN-aligned; not zeroed: the socket fills it."""
+    pad = -header_len % PAYLOAD_ALIGN
+    return memoryview(np.empty(pad + header_len + payload_len + CHECKSUM_SIZE, dtype=np.uint8))[pad:]
+
+
+async def handshake(reader: FrameReader, writer: asyncio.StreamWriter, hello: Hello,
+                    secret: bytes) -> Connection:
     """Runs the mutual HMAC handshake; returns the Connection or raises HandshakeError."""
     async def exchange() -> Hello:
         await _send(writer, hello)
@@ -132,11 +268,11 @@ async def handshake(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, 
         return peer
 
     peer = await asyncio.wait_for(exchange(), HANDSHAKE_TIMEOUT_S)
-    return Connection(reader, writer, peer, max_payload_bytes)
+    return Connection(reader, writer, peer, reader.max_payload_bytes)
 
 
-async def _expect(reader: asyncio.StreamReader, kind: type) -> Message:
-    msg, _ = await _recv(reader, DEFAULT_MAX_PAYLOAD_BYTES)
+async def _expect(reader: FrameReader, kind: type) -> Message:
+    msg, _ = await _recv(reader)
     if isinstance(msg, HelloReject):
         raise HandshakeError(f"the peer refused us: {msg.reason}")
     if not isinstance(msg, kind):
@@ -178,9 +314,12 @@ async def connect(host: str, port: int, hello: Hello, secret: bytes,
                   max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> Connection:
     """Opens and authenticates a connection; raises OSError, TimeoutError or HandshakeError (so
     callers that retry catch three types), closing the socket if the handshake fails."""
-    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port, limit=STREAM_LIMIT), CONNECT_TIMEOUT_S)
+    loop = asyncio.get_running_loop()
+    transport, reader = await asyncio.wait_for(
+        loop.create_connection(lambda: FrameReader(max_payload_bytes), host, port), CONNECT_TIMEOUT_S)
+    writer = asyncio.StreamWriter(transport, reader, None, loop)
     try:
-        return await handshake(reader, writer, hello, secret, max_payload_bytes)
+        return await handshake(reader, writer, hello, secret)
     except (asyncio.IncompleteReadError, ProtocolError) as exc:  # a peer that dies or garbles mid-handshake
         writer.close()
         raise HandshakeError(f"the handshake broke off: {exc}") from None
@@ -194,10 +333,10 @@ async def serve(host: str, port: int, hello_factory: Callable[[], Hello], secret
                 max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> asyncio.Server:
     """Listens; each accepted peer is authenticated, then handed to on_connection, and its
     socket is closed when on_connection returns or fails, whatever the reason."""
-    async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def accept(reader: FrameReader, writer: asyncio.StreamWriter) -> None:
         address = writer.get_extra_info("peername")
         try:
-            conn = await handshake(reader, writer, hello_factory(), secret, max_payload_bytes)
+            conn = await handshake(reader, writer, hello_factory(), secret)
         except (HandshakeError, ProtocolError, TimeoutError, asyncio.IncompleteReadError, OSError) as exc:
             log.warning("refused peer=%s reason=%s", address, describe(exc))
             writer.close()
@@ -210,4 +349,4 @@ async def serve(host: str, port: int, hello_factory: Callable[[], Hello], secret
         finally:
             await conn.close()
 
-    return await asyncio.start_server(accept, host, port, limit=STREAM_LIMIT)
+    return await asyncio.get_running_loop().create_server(lambda: FrameReader(max_payload_bytes, accept), host, port)

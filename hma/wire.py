@@ -14,7 +14,8 @@ One frame per message; integers little-endian (every supported host is), offsets
 A reader takes FRAME_PREFIX_SIZE bytes, calls parse_prefix (which refuses a bad frame before
 anything is allocated), reads header_len + payload_len + CHECKSUM_SIZE more and calls decode_body.
 encode's payload buffers alias the sender's tensors: keep them unchanged until written. Decoded
-tensors own their memory, so a reader may reuse its buffer.
+tensors are views of the body they were decoded from (copies only where it is read-only or a
+tensor would start misaligned): a reader gives every frame a buffer of its own, never reused.
 """
 
 from __future__ import annotations
@@ -433,8 +434,12 @@ def _tensor_from(payload: memoryview, offset: int, dtype: torch.dtype, shape: li
     nbytes = math.prod(shape) * dtype.itemsize
     if nbytes == 0:
         return torch.empty(shape, dtype=dtype), offset  # frombuffer refuses empty buffers
-    # a fresh bytearray: the tensor owns its memory (and is writable) whatever the reader does next
-    raw = torch.frombuffer(bytearray(payload[offset:offset + nbytes]), dtype=torch.uint8)
+    if payload.readonly:  # bytes: a writable copy, as tensors elsewhere are
+        raw = torch.frombuffer(bytearray(payload[offset:offset + nbytes]), dtype=torch.uint8)
+    else:  # a view: no copy, and the tensor keeps the frame's buffer alive
+        raw = torch.frombuffer(payload, dtype=torch.uint8, count=nbytes, offset=offset)
+        if raw.data_ptr() % dtype.itemsize:
+            raw = raw.clone()  # kernels and device copies want each element aligned
     return raw.view(dtype).reshape(shape), offset + nbytes
 
 

@@ -71,7 +71,8 @@ async def test_a_corrupt_frame_drops_only_that_connection():
     good = await connect("127.0.0.1", port, make_hello("prefill", "model-a", "fp8", 16), SECRET)
     await good.send(FirstToken("r2", 8))
     await asyncio.sleep(0.2)
-    assert await bad.reader.read() == b""  # the server hung up on the corrupt peer
+    with pytest.raises(asyncio.IncompleteReadError):  # the server hung up on the corrupt peer
+        await bad.recv(timeout=2)
     await good.close()
     await asyncio.sleep(0.1)
     server.close()
@@ -102,6 +103,52 @@ async def test_a_frame_declaring_a_huge_payload_is_refused_from_its_prefix_alone
     prefix[10:18] = (1 << 40).to_bytes(8, "little")  # payload_len
     peer.writer.write(bytes(prefix))
     await peer.writer.drain()
-    assert await asyncio.wait_for(peer.reader.read(), 2) == b""
+    with pytest.raises(asyncio.IncompleteReadError):
+        await peer.recv(timeout=2)
     server.close()
     assert isinstance(received[-1], ProtocolError) and "payload" in str(received[-1])
+
+
+async def test_a_receiver_that_stops_reading_pushes_back_then_gets_every_frame_intact(monkeypatch):
+    """Past STREAM_LIMIT queued bytes the receiver stops reading its socket, so the sender waits in
+    drain; once it reads, every frame arrives, and each tensor is still its own after later frames."""
+    import hma.transport as transport
+
+    monkeypatch.setattr(transport, "STREAM_LIMIT", 1 << 20)
+    scales = torch.ones(512, 8, 1).half()
+    frames = [KVLayer("r1", i, 0, 512, torch.full((512, 8, 128), i, dtype=torch.int8), scales,
+                      torch.full((512, 8, 128), -i, dtype=torch.int8), scales) for i in range(64)]  # 1 MiB each
+    reading, received = asyncio.Event(), []
+
+    async def on_connection(conn):
+        await reading.wait()
+        for _ in frames:
+            received.append(await conn.recv(timeout=5))
+
+    server = await serve("127.0.0.1", 0, lambda: make_hello("decode", "model-a", "int8", 16), SECRET, on_connection)
+    conn = await connect("127.0.0.1", server.sockets[0].getsockname()[1],
+                         make_hello("prefill", "model-a", "int8", 16), SECRET)
+    sending = asyncio.gather(*[conn.send(frame) for frame in frames])
+    await asyncio.sleep(0.5)
+    assert not sending.done()  # 64 MiB is more than both kernel buffers and STREAM_LIMIT hold
+    reading.set()
+    await asyncio.wait_for(sending, 10)
+    while len(received) < len(frames):
+        await asyncio.sleep(0.05)
+    await conn.close()
+    server.close()
+    assert all(torch.equal(got.k, sent.k) and torch.equal(got.v, sent.v) for got, sent in zip(received, frames))
+
+
+async def test_a_peer_that_dies_mid_frame_ends_recv_with_incomplete_read():
+    received = []
+    server, port = await _server(received)
+    peer = await connect("127.0.0.1", port, make_hello("prefill", "model-a", "fp8", 16), SECRET)
+    frame = encode_bytes(_kv_layer())
+    peer.writer.write(frame[:len(frame) // 2])
+    await peer.writer.drain()
+    await peer.close()
+    await asyncio.sleep(0.2)
+    server.close()
+    assert received and isinstance(received[-1], asyncio.IncompleteReadError)
+    assert len(received[-1].partial) < received[-1].expected

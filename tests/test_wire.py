@@ -115,14 +115,16 @@ def test_encode_passes_tensor_memory_through_without_copy():
     assert bytes(buffers[2]) != before
 
 
-def test_decoded_tensors_do_not_alias_the_body():
+def test_decoded_tensors_are_aligned_views_of_a_writable_body_and_copies_of_bytes():
     frame = encode_bytes(kv_layer("fp8"))
     header_len, payload_len = parse_prefix(frame[:FRAME_PREFIX_SIZE])
     body = bytearray(frame[FRAME_PREFIX_SIZE:])
-    got = decode_body(body, header_len, payload_len)
-    k_before = got.k.clone()
-    body[:] = bytes(len(body))
-    assert torch.equal(got.k.view(torch.uint8), k_before.view(torch.uint8))
+    view_of = decode_body(body, header_len, payload_len)
+    copy_of = decode_body(frame[FRAME_PREFIX_SIZE:], header_len, payload_len)  # bytes: read-only
+    body[header_len] ^= 0xFF  # k's first byte
+    assert view_of.k.view(torch.uint8)[0, 0, 0] != copy_of.k.view(torch.uint8)[0, 0, 0]
+    for got in (view_of, copy_of):  # float16 scales start on an even address whatever header_len is
+        assert got.k_scales.data_ptr() % 2 == 0 and got.v_scales.data_ptr() % 2 == 0
 
 
 def test_kv_layer_bytes_counts_the_payload():
