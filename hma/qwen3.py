@@ -149,7 +149,9 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm attention and MLP, each with a residual add."""
+    """Pre-norm attention and MLP, each with a residual add. The residual stream travels beside
+    the layer's output, so each add runs fused with the norm that follows it (one kernel fewer
+    per layer in a decode step)."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -158,11 +160,17 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch: Batch,
-                cache: LayerKV) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, rope: tuple[torch.Tensor, torch.Tensor],
+                batch: Batch, cache: LayerKV) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the last layer's MLP output, not yet added to residual (None: x is the embedding).
+        Returns this layer's (MLP output, residual stream before it)."""
+        if residual is None:
+            residual, h = x, self.input_layernorm(x)
+        else:
+            residual, h = add_rms_norm(x, residual, self.input_layernorm.weight, self.input_layernorm.eps)
         norm = self.post_attention_layernorm
-        x, h = add_rms_norm(x, self.self_attn(self.input_layernorm(x), rope, batch, cache), norm.weight, norm.eps)
-        return x + self.mlp(h, batch.num_prefill_precision_tokens)
+        residual, h = add_rms_norm(self.self_attn(h, rope, batch, cache), residual, norm.weight, norm.eps)
+        return self.mlp(h, batch.num_prefill_precision_tokens), residual
 
 
 class Qwen3ForCausalLM(nn.Module):
@@ -238,13 +246,14 @@ class Qwen3ForCausalLM(nn.Module):
                 on_layer: Callable[[int], None] | None = None) -> torch.Tensor:
         """Returns float32 logits (len(batch.logits_indices), vocab_size). on_layer(i) runs as
         soon as layer i's KV is in the cache: the prefill host hands it off from there."""
-        x = self.embed_tokens(batch.input_ids)  # (num_tokens, hidden)
+        x, residual = self.embed_tokens(batch.input_ids), None  # (num_tokens, hidden)
         rope = self.rope(batch.positions, x.dtype)
         for i, (layer, cache) in enumerate(zip(self.layers, kv_cache.layers)):
-            x = layer(x, rope, batch, cache)
+            x, residual = layer(x, residual, rope, batch, cache)
             if on_layer is not None:
                 on_layer(i)
-        x = self.norm(x[batch.logits_indices])
+        rows = batch.logits_indices
+        _, x = add_rms_norm(x[rows], residual[rows], self.norm.weight, self.norm.eps)
         return self.lm_head(x).float()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
