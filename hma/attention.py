@@ -81,7 +81,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: La
         end = start + batch.query_lens[i]
         if batch.seq_lens_host[i] == batch.query_lens[i]:
             # Nothing cached before this prompt: attend to its fresh K/V (flash-attention eligible).
-            out[start:end] = _sdpa(q[start:end], k[start:end], v[start:end], scale)
+            out[start:end] = causal_attention(q[start:end], k[start:end], v[start:end], scale)
         else:
             out[start:end] = _prefill_one(q[start:end], cache, batch.block_tables[i],
                                           batch.seq_lens_host[i], scale)
@@ -91,6 +91,44 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: La
         out[num_prefill_tokens:] = _decode(q[num_prefill_tokens:], cache, tables,
                                            batch.seq_lens[batch.num_prefills:], scale)
     return out
+
+
+def prefill_bucket(num_tokens: int) -> int:
+    """The length a prompt's attention runs at on CUDA: a multiple of 128, 16 lengths per
+    doubling past 2,048 tokens, so padding adds at most ~1/8 to attention and ~100 lengths
+    cover 40k tokens."""
+    step = max(128, (1 << (num_tokens - 1).bit_length()) // 32)
+    return -(-num_tokens // step) * step
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                     bucket: bool | None = None) -> torch.Tensor:
+    """One prompt attending causally to itself, (tokens, heads, dim). On CUDA (or if bucket) it
+    runs padded to prefill_bucket(tokens): PyTorch's cuDNN attention builds a graph for every
+    new shape (~60 ms on an H200, once per shape), and in serving nearly every prompt length is
+    new. Padding at the end is exact under the causal mask: no real query sees a later key."""
+    n = q.shape[0]
+    padded = prefill_bucket(n) if (q.is_cuda if bucket is None else bucket) else n
+    if padded == n:
+        return _sdpa(q, k, v, scale)
+    q, k, v = (F.pad(t, (0, 0, 0, 0, 0, padded - n)) for t in (q, k, v))
+    return _sdpa(q, k, v, scale)[:n]
+
+
+def warm_up_prefill(num_heads: int, num_kv_heads: int, head_dim: int, max_len: int,
+                    dtype: torch.dtype, device: torch.device) -> int:
+    """Runs attention once at every bucket up to max_len, so no request pays for building one
+    (CUDA only: elsewhere nothing is built per shape). Returns how many lengths it ran."""
+    if device.type != "cuda":
+        return 0
+    lengths = [prefill_bucket(1)]
+    while lengths[-1] < max_len:
+        lengths.append(prefill_bucket(lengths[-1] + 1))
+    for n in lengths:
+        q = torch.zeros(n, num_heads, head_dim, dtype=dtype, device=device)
+        kv = q[:, :num_kv_heads]
+        causal_attention(q, kv, kv, 1.0)
+    return len(lengths)
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,

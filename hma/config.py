@@ -147,6 +147,9 @@ class EngineConfig:
         "help": "longest prompt + output (default: the model's max_position_embeddings)"})
     enforce_eager: bool = field(default=False, metadata={
         "help": "never capture CUDA graphs: decode steps launch their kernels one by one"})
+    async_scheduling: str = field(default="auto", metadata={
+        "help": "launch greedy decode step n+1 before reading step n's tokens, so the host's work "
+                "overlaps the GPU: auto (with CUDA graphs) | on (also eager; gains nothing there) | off"})
 
     def __post_init__(self) -> None:
         if self.prefill_dtype not in PREFILL_DTYPES:
@@ -155,6 +158,8 @@ class EngineConfig:
             raise ValueError(f"kv_dtype={self.kv_dtype!r}; choose from auto, {', '.join(KV_FORMATS)}")
         if not 0 <= self.smoothquant_alpha <= 1:
             raise ValueError(f"smoothquant_alpha={self.smoothquant_alpha} must be in [0, 1]")
+        if self.async_scheduling not in ("auto", "on", "off"):
+            raise ValueError(f"async_scheduling={self.async_scheduling!r}; choose from auto, on, off")
         if self.block_size < 1:
             raise ValueError(f"block_size={self.block_size} must be at least 1")
         if self.kv_memory_gb is not None and self.kv_memory_gb <= 0:

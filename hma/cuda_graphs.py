@@ -7,13 +7,16 @@ inputs are written into pinned host arrays and copied to the device in two copie
 read them through fixed views. Graphs are captured on first use (the decode host's warm-up).
 Padding rows (a batch of 5 runs the bucket of 8) have length 0, so attention skips them, and
 write their K/V to a block this runner owns (the engine leaves it out of max_model_len).
-Only pure decode steps run here; prefill and mixed steps run eagerly.
+Only pure decode steps run here; prefill and mixed steps run eagerly. Each graph also takes its
+step's greedy tokens and can feed them to the next step on the device (launch), which lets the
+engine start step n + 1 before the host has seen step n's tokens.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -25,6 +28,20 @@ log = logging.getLogger(__name__)
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
 WARMUP_RUNS = 2  # the first runs compile Triton kernels and size cuBLAS workspaces
+SCALARS = ("ids", "positions", "slots", "seq_lens", "feedback")  # one input row each
+
+
+@dataclass(slots=True)
+class PendingTokens:
+    """A launched step's greedy tokens, on their way to a pinned host buffer."""
+
+    host: torch.Tensor
+    done: torch.cuda.Event | None = None  # None: the tokens are there already (CPU)
+
+    def result(self) -> list[int]:
+        if self.done is not None:
+            self.done.synchronize()
+        return self.host.tolist()
 
 
 class DecodeGraphs:
@@ -39,15 +56,21 @@ class DecodeGraphs:
         # Padding rows write their K/V here: a block no sequence can ever be given.
         self.pad_block = kv_cache.allocator.allocate(1)[0]
         largest = self.buckets[-1]
-        # Scalar rows (ids, positions, slots, seq_lens) and block tables: pinned on the host,
-        # filled through numpy views, mirrored on the device where the graphs read them.
+        # Rows of SCALARS and block tables: pinned on the host, filled through numpy views,
+        # mirrored on the device where the graphs read them. Two sets, used in turn: with
+        # overlapped steps, step n's upload may still be queued while the host fills step n + 1.
         pinned = kv_cache.device.type == "cuda"  # (False only in the CPU tests of the host side)
-        self.host_scalars = torch.zeros(4, largest, dtype=torch.long, pin_memory=pinned)
-        self.host_tables = torch.zeros(largest, self.max_blocks, dtype=torch.long, pin_memory=pinned)
-        self.scalars, self.tables = self.host_scalars.numpy(), self.host_tables.numpy()
+        self.host_scalars = torch.zeros(2, len(SCALARS), largest, dtype=torch.long, pin_memory=pinned)
+        self.host_tables = torch.zeros(2, largest, self.max_blocks, dtype=torch.long, pin_memory=pinned)
+        self.host_tokens = torch.zeros(2, largest, dtype=torch.long, pin_memory=pinned)
+        self.turn = 0
         device = kv_cache.device
-        self.device_scalars = torch.zeros_like(self.host_scalars, device=device)
-        self.device_tables = torch.zeros_like(self.host_tables, device=device)
+        self.device_scalars = torch.zeros_like(self.host_scalars[0], device=device)
+        self.device_tables = torch.zeros_like(self.host_tables[0], device=device)
+        # Each step leaves its greedy tokens here; the next step's rows whose "feedback" is a row
+        # index take their input id from it, so a step can launch before the host has read them.
+        self.tokens = torch.zeros(largest, dtype=torch.long, device=device)
+        self.input_ids = torch.zeros(largest, dtype=torch.long, device=device)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Batch, torch.Tensor]] = {}
 
     def capture(self) -> None:
@@ -56,14 +79,14 @@ class DecodeGraphs:
         pool = None
         for size in reversed(self.buckets):
             batch = self._static_batch(size)
-            self._fill([], size)
+            self._fill([], [], size)
             self._upload(size)
             for _ in range(WARMUP_RUNS):
-                self.model(batch, self.kv_cache)
+                self._step(batch, size)
             torch.cuda.synchronize(self.kv_cache.device)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                logits = self.model(batch, self.kv_cache)
+                logits = self._step(batch, size)
             pool = graph.pool()
             # The batch stays referenced: a graph replays raw addresses, so every tensor it reads
             # (logits_indices included) must outlive it.
@@ -78,36 +101,64 @@ class DecodeGraphs:
 
     def run(self, decodes: list[SeqChunk]) -> torch.Tensor:
         """Logits (len(decodes), vocab) of one decode step, by replaying the smallest bucket that fits."""
+        _, _, logits = self._replay(decodes, [-1] * len(decodes))
+        return logits[:len(decodes)]
+
+    def launch(self, decodes: list[SeqChunk], feedback: list[int]) -> PendingTokens:
+        """Starts one greedy decode step without waiting for it. feedback[i] >= 0: row i's input
+        id is row feedback[i] of the previous step's tokens (its chunk's token id is ignored).
+        At most one launched step may be unread when the next is launched (two input sets)."""
+        self._replay(decodes, feedback)
+        host = self.host_tokens[self.turn, :len(decodes)]
+        host.copy_(self.tokens[:len(decodes)], non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return PendingTokens(host, done)
+
+    def _replay(self, decodes: list[SeqChunk], feedback: list[int]):
         if not self.graphs:
             self.capture()
         size = next(b for b in self.buckets if b >= len(decodes))
-        self._fill(decodes, size)
+        self.turn ^= 1
+        self._fill(decodes, feedback, size)
         self._upload(size)
-        graph, _, logits = self.graphs[size]
+        graph, batch, logits = self.graphs[size]
         graph.replay()
-        return logits[:len(decodes)]
+        return graph, batch, logits
 
-    def _fill(self, decodes: list[SeqChunk], size: int) -> None:
-        """Writes the step's inputs into the pinned host rows; rows past the chunks are padding.
-        Safe to overwrite: every step ends in a sync (its sampled tokens reach the host)."""
+    def _step(self, batch: Batch, size: int) -> torch.Tensor:
+        """What a graph runs: input ids (fed back or from the host), the model, greedy tokens."""
+        self._feed(size)
+        logits = self.model(batch, self.kv_cache)
+        self.tokens[:size].copy_(logits.argmax(dim=-1))
+        return logits
+
+    def _feed(self, size: int) -> None:
+        ids, feedback = self.device_scalars[0, :size], self.device_scalars[4, :size]
+        torch.where(feedback >= 0, self.tokens[feedback.clamp(min=0)], ids, out=self.input_ids[:size])
+
+    def _fill(self, decodes: list[SeqChunk], feedback: list[int], size: int) -> None:
+        """Writes the step's inputs into this turn's pinned host rows; rows past the chunks are
+        padding. Safe to overwrite: this turn's last upload belongs to a step already read."""
         bs = self.block_size
-        for i, chunk in enumerate(decodes):
+        scalars, tables = self.host_scalars[self.turn].numpy(), self.host_tables[self.turn].numpy()
+        for i, (chunk, fed) in enumerate(zip(decodes, feedback)):
             pos = chunk.context_len
             slot = chunk.block_ids[pos // bs] * bs + pos % bs
-            self.scalars[:, i] = (chunk.token_ids[0], pos, slot, pos + 1)
+            scalars[:, i] = (chunk.token_ids[0] if fed < 0 else 0, pos, slot, pos + 1, fed)
             # Entries past the sequence's blocks stay stale: attention reads only seq_len tokens.
-            self.tables[i, :len(chunk.block_ids)] = chunk.block_ids
-        self.scalars[:, len(decodes):size] = [[0], [0], [self.pad_block * bs], [0]]
+            tables[i, :len(chunk.block_ids)] = chunk.block_ids
+        scalars[:, len(decodes):size] = [[0], [0], [self.pad_block * bs], [0], [-1]]
 
     def _upload(self, size: int) -> None:
-        self.device_scalars.copy_(self.host_scalars, non_blocking=True)
-        self.device_tables[:size].copy_(self.host_tables[:size], non_blocking=True)
+        self.device_scalars.copy_(self.host_scalars[self.turn], non_blocking=True)
+        self.device_tables[:size].copy_(self.host_tables[self.turn, :size], non_blocking=True)
 
     def _static_batch(self, size: int) -> Batch:
         """A Batch whose tensors are views of the device inputs' first `size` rows."""
-        ids, positions, slots, seq_lens = self.device_scalars[:, :size]
-        return Batch(input_ids=ids, positions=positions, slot_mapping=slots,
+        _, positions, slots, seq_lens, _ = self.device_scalars[:, :size]
+        return Batch(input_ids=self.input_ids[:size], positions=positions, slot_mapping=slots,
                      block_tables=self.device_tables[:size], seq_lens=seq_lens,
-                     logits_indices=torch.arange(size, device=ids.device),
+                     logits_indices=torch.arange(size, device=positions.device),
                      query_lens=[1] * size, seq_lens_host=[],  # host lengths serve prefills only
                      num_prefills=0, num_prefill_precision_tokens=0)

@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from hma import random_weights
+from hma.attention import warm_up_prefill
 from hma.batch import Batch, SeqChunk
 from hma.checkpoint import iter_safetensors, load_config_dict, load_tokenizer, resolve_model_path
 from hma.config import EngineConfig, ModelConfig
@@ -26,10 +27,11 @@ from hma.cuda_graphs import DecodeGraphs
 from hma.errors import InvalidRequestError, RequestTooLargeError
 from hma.kv_cache import KVCache, blocks_for, bytes_per_block, kv_budget_bytes
 from hma.kv_formats import KVFormat, get_kv_format
+from hma.overlap import EagerSteps, InFlight
 from hma.qwen3 import Qwen3ForCausalLM
-from hma.request import Request, RequestOutput
+from hma.request import PENDING, Request, RequestOutput
 from hma.sampling import SamplingParams, make_generator, sample
-from hma.scheduler import Scheduler
+from hma.scheduler import Scheduler, SchedulerOutput
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +75,8 @@ class LLMEngine:
         self.max_model_len = _max_model_len(config, model.config, kv_cache, reserved_blocks=int(use_graphs))
         self._ids = itertools.count()
         self.graphs = DecodeGraphs(model, kv_cache, config.max_num_seqs, self.max_model_len) if use_graphs else None
+        self.overlap = _overlap(config, self.graphs, model, kv_cache)  # launches overlapped steps, or None
+        self._inflight: InFlight | None = None
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> LLMEngine:
@@ -111,51 +115,115 @@ class LLMEngine:
     def abort(self, req: Request) -> None:
         """Drops a request wherever it is and frees its blocks."""
         if not req.is_finished:
-            self.scheduler.finish(req, "abort")
+            self._finish(req, "abort", text=req.output_text)
 
     @property
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished
+        return self.scheduler.has_unfinished or self._inflight is not None
 
     def step(self) -> list[RequestOutput]:
-        """Runs one batch; returns the outputs of every request that advanced."""
+        """Runs one batch; returns the outputs of every request that advanced. With overlap, a
+        greedy decode step is launched and the outputs are those of the step launched before."""
+        outputs = []
+        if self._inflight is not None and not self.scheduler.is_steady():
+            outputs = self._read_inflight()  # admitting or preempting needs every token read
         plan = self.scheduler.schedule()
         if plan.is_empty:
+            return outputs + self._read_inflight()
+        chunks = [_decode_chunk(r) for r in plan.decodes]
+        if self._can_overlap(plan, chunks):
+            return outputs + self._overlapped_step(plan.decodes, chunks)
+        outputs += self._read_inflight()
+        decodes = [r for r in plan.decodes if not r.is_finished]  # some may have ended just now
+        return outputs + self._plain_step(plan.prefills, decodes)
+
+    def _plain_step(self, prefill_reqs: list[Request], decode_reqs: list[Request]) -> list[RequestOutput]:
+        """Runs the batch, samples, and reads the tokens back before returning."""
+        prefills = [SeqChunk(r.all_token_ids, 0, r.block_ids) for r in prefill_reqs]
+        decodes = [_decode_chunk(r) for r in decode_reqs]
+        if not decodes and not prefills:
             return []
-        prefills = [SeqChunk(r.all_token_ids, 0, r.block_ids) for r in plan.prefills]
-        decodes = [SeqChunk([r.last_token_id], r.num_tokens - 1, r.block_ids) for r in plan.decodes]
         if not prefills and self.graphs is not None and self.graphs.can_run(decodes):
             logits = self.graphs.run(decodes)
         else:
             batch = Batch.build(prefills, decodes, self.kv_cache.block_size, self.device)
             logits = self.model(batch, self.kv_cache)
-        reqs = plan.prefills + plan.decodes
+        reqs = prefill_reqs + decode_reqs
         tokens = sample(logits, [r.sampling_params for r in reqs], [r.generator for r in reqs])
         now = time.time()
         for req, token in zip(reqs, tokens):
             self._append_token(req, token, now)
         return [RequestOutput.of(r) for r in reqs]
 
+    def _can_overlap(self, plan: SchedulerOutput, chunks: list[SeqChunk]) -> bool:
+        if self.overlap is None or plan.prefills or not all(r.sampling_params.is_greedy for r in plan.decodes):
+            return False
+        return self.graphs is None or self.graphs.can_run(chunks)
+
+    def _overlapped_step(self, reqs: list[Request], chunks: list[SeqChunk]) -> list[RequestOutput]:
+        """Launches this step, then reads the one launched before while the GPU runs it."""
+        before = self._inflight
+        rows = {id(r): i for i, r in enumerate(before.reqs)} if before else {}
+        # A request whose newest token is still on the GPU takes it from the step before's row.
+        feedback = [rows[id(r)] if r.output_token_ids[-1:] == [PENDING] else -1 for r in reqs]
+        tokens = self.overlap.launch(chunks, feedback)
+        for req in reqs:
+            req.output_token_ids.append(PENDING)
+        self._inflight = InFlight(reqs, tokens)
+        return self._read(before)
+
+    def _read_inflight(self) -> list[RequestOutput]:
+        """Waits for the launched step, if any, and takes in its tokens."""
+        step, self._inflight = self._inflight, None
+        return self._read(step)
+
+    def _read(self, step: InFlight | None) -> list[RequestOutput]:
+        """Puts a launched step's tokens in place of its PENDING ones, then checks for stops."""
+        if step is None:
+            return []
+        now, read = time.time(), []
+        for req, token in zip(step.reqs, step.tokens.result()):
+            if req.is_finished:
+                continue  # ended (a stop, an abort) while the step ran: its token is dropped
+            index = req.output_token_ids.index(PENDING)  # the oldest pending is this step's
+            req.output_token_ids[index] = token
+            self._check_stop(req, index, now)
+            read.append(req)
+        self.kv_cache.allocator.free(step.held_blocks)
+        return [RequestOutput.of(r) for r in read]
+
     def _append_token(self, req: Request, token: int, now: float) -> None:
         req.output_token_ids.append(token)
+        self._check_stop(req, len(req.output_token_ids) - 1, now)
+
+    def _check_stop(self, req: Request, index: int, now: float) -> None:
+        """Ends req if its output token `index` (the newest read) stops it."""
+        token, num_output = req.output_token_ids[index], index + 1
         req.metrics.first_token_time = req.metrics.first_token_time or now
         params = req.sampling_params
         if params.stop:
-            req.output_text = self.detokenize(req.output_token_ids)
+            text = self.detokenize(req.output_token_ids[:num_output])
             for stop in params.stop:
-                cut = req.output_text.find(stop)
+                cut = text.find(stop)
                 if cut >= 0:
-                    req.output_text = req.output_text[:cut]
-                    return self.scheduler.finish(req, "stop", stop)
+                    return self._finish(req, "stop", stop, text=text[:cut])
+            req.output_text = text
         if token in params.stop_token_ids:
             self._finish(req, "stop", token)
         elif token in self.eos_token_ids and not params.ignore_eos:
             self._finish(req, "stop")
-        elif len(req.output_token_ids) >= params.max_tokens or req.num_tokens >= self.max_model_len:
+        elif num_output >= params.max_tokens or len(req.prompt_token_ids) + num_output >= self.max_model_len:
             self._finish(req, "length")
 
-    def _finish(self, req: Request, reason: str, stop_reason: int | None = None) -> None:
-        req.output_text = self.detokenize(req.output_token_ids)
+    def _finish(self, req: Request, reason: str, stop_reason: int | str | None = None,
+                text: str | None = None) -> None:
+        """Ends req: drops tokens still on the GPU, and frees its blocks, after the launched step
+        if that step holds it (the step still writes its K/V)."""
+        req.output_token_ids = req.read_token_ids
+        req.output_text = self.detokenize(req.output_token_ids) if text is None else text
+        if self._inflight is not None and self._inflight.holds(req):
+            self._inflight.held_blocks += req.block_ids
+            req.block_ids = []
         self.scheduler.finish(req, reason, stop_reason)
 
     def detokenize(self, token_ids: list[int]) -> str:
@@ -175,6 +243,18 @@ class LLMEngine:
         if not all(isinstance(t, int) for t in prompt):
             raise InvalidRequestError("prompt token ids must be integers")
         return list(prompt), None
+
+
+def _decode_chunk(req: Request) -> SeqChunk:
+    return SeqChunk([req.last_token_id], req.num_tokens - 1, req.block_ids)
+
+
+def _overlap(config: EngineConfig, graphs: DecodeGraphs | None, model: Qwen3ForCausalLM,
+             kv_cache: KVCache) -> DecodeGraphs | EagerSteps | None:
+    """What launches overlapped steps: the CUDA graphs ("auto" and "on"), eager steps ("on")."""
+    if config.async_scheduling == "off" or (graphs is None and config.async_scheduling == "auto"):
+        return None
+    return graphs or EagerSteps(model, kv_cache)
 
 
 def load_model(config: EngineConfig, device: torch.device,
@@ -303,8 +383,21 @@ def apply_chat_template(tokenizer, messages: list[dict]) -> list[int]:
 
 def warm_up(engine: LLMEngine) -> None:
     """Two decode steps on a tiny prompt, so the first request does not pay for lazy set-up
-    (compiled kernels, and on CUDA the decode graphs, which are captured on first use)."""
+    (compiled kernels, and on CUDA the decode graphs, which are captured on first use, and
+    prefill attention at every prompt-length bucket)."""
     run_to_completion(engine, [[1, 2, 3, 4]], SamplingParams(max_tokens=2, temperature=0.0))
+    warm_up_attention(engine.model, engine.max_model_len)
+
+
+def warm_up_attention(model: Qwen3ForCausalLM, max_len: int) -> None:
+    """Builds prefill attention for every prompt-length bucket up to max_len (CUDA only)."""
+    t0 = time.perf_counter()
+    c, weight = model.config, model.embed_tokens.weight
+    built = warm_up_prefill(c.num_attention_heads, c.num_key_value_heads, c.head_dim, max_len,
+                            weight.dtype, weight.device)
+    if built:
+        log.info("ran prefill attention at %d prompt lengths up to %d tokens in %.1f s", built, max_len,
+                 time.perf_counter() - t0)
 
 
 def run_to_completion(engine: LLMEngine, prompts: Sequence[Prompt], params: SamplingParams,

@@ -27,7 +27,7 @@ import torch
 
 from hma.batch import Batch, SeqChunk
 from hma.config import EngineConfig, HostConfig
-from hma.engine import LLMEngine
+from hma.engine import LLMEngine, warm_up_attention
 from hma.errors import HMAError, ProtocolError, describe
 from hma.host import DEFAULT_PORTS, listen_until_stopped, load_engine, phase, resolve_secret
 from hma.kv_cache import KVCache, blocks_for
@@ -285,13 +285,15 @@ class PrefillServer:
 
 
 def warm_up(server: PrefillServer) -> None:
-    """One tiny prefill, so the first request does not pay for lazy initialisation."""
+    """One tiny prefill and, on CUDA, attention at every prompt-length bucket, so the first
+    requests do not pay for lazy initialisation."""
     job = PrefillJob("warm-up", [1, 2, 3, 4], SamplingParams(max_tokens=1))
     job.block_ids = server.cache.allocator.allocate(1)
     try:
         prefill_batch(server.model, server.cache, [job], lambda msg: None, server.pipeline)
     finally:
         server.cache.allocator.free(job.block_ids)
+    warm_up_attention(server.model, server.max_model_len)
 
 
 async def serve_prefill(engine_config: EngineConfig, host_config: HostConfig) -> None:

@@ -40,6 +40,9 @@ class RequestMetrics:
         return None if self.finished_time is None else self.finished_time - self.arrival_time
 
 
+PENDING = -1  # an output token a launched step samples, not yet read by the host (overlap.py)
+
+
 @dataclass(slots=True)
 class Request:
     """One sequence: prompt, generated tokens, sampling state and its KV blocks."""
@@ -73,6 +76,15 @@ class Request:
     @property
     def is_finished(self) -> bool:
         return self.status is RequestStatus.FINISHED
+
+    @property
+    def read_token_ids(self) -> list[int]:
+        """Output tokens without the PENDING ones at the end."""
+        ids = self.output_token_ids
+        end = len(ids)
+        while end and ids[end - 1] == PENDING:
+            end -= 1
+        return ids[:end]
 
 
 @dataclass(slots=True)
@@ -111,7 +123,7 @@ class RequestOutput:
 
     @classmethod
     def of(cls, req: Request) -> RequestOutput:
-        completion = CompletionOutput(0, req.output_text, list(req.output_token_ids),
+        completion = CompletionOutput(0, req.output_text, req.read_token_ids,
                                       req.finish_reason, req.stop_reason)
         return cls(req.request_id, req.prompt, req.prompt_token_ids, [completion],
                    req.is_finished, req.metrics)

@@ -57,6 +57,20 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def is_steady(self) -> bool:
+        """True when the next plan can only grow the running sequences by one token each: the
+        blocks they need are free and no waiting request would be admitted (overlapped steps
+        launch before the host has read the tokens that preempting or admitting depend on)."""
+        need = sum(blocks_for(r.num_tokens, self.block_size) - len(r.block_ids) for r in self.running)
+        if not self.allocator.can_allocate(need):
+            return False
+        if not self.waiting or len(self.running) >= self.max_num_seqs:
+            return True
+        prompt = self.waiting[0].num_tokens
+        if self.running and prompt > self.max_num_batched_tokens - len(self.running):
+            return True  # over the token budget beside running decodes: it waits either way
+        return not self.allocator.can_allocate(need + blocks_for(prompt, self.block_size))
+
     def schedule(self) -> SchedulerOutput:
         """Plans one step; every request it returns holds the blocks its tokens need."""
         out = SchedulerOutput()

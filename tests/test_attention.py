@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from hma.attention import gather_kv, paged_attention, write_kv
+from hma.attention import causal_attention, gather_kv, paged_attention, prefill_bucket, warm_up_prefill, write_kv
 from hma.batch import Batch, SeqChunk
 from hma.kv_cache import LayerKV
 from hma.kv_formats import KV_FORMATS, get_kv_format
@@ -49,3 +49,31 @@ def test_decode_attention_over_quantized_blocks_stays_close_to_float(name, bound
         outs[fmt] = paged_attention(q, k, v, layer, batch, HEAD_DIM ** -0.5)
     error = (outs[name] - outs["fp32"]).norm() / outs["fp32"].norm()
     assert 0 < error < bound
+
+
+def test_prefill_buckets_cover_every_length_with_little_padding():
+    buckets = [prefill_bucket(n) for n in range(1, 16_385)]
+    assert all(b >= n and b % 128 == 0 for n, b in enumerate(buckets, start=1))
+    assert buckets == sorted(buckets)
+    assert all(b <= n * 1.0625 for n, b in enumerate(buckets, start=1) if n > 2048)
+    assert len(set(buckets)) == 64  # 16 up to 2,048, then 16 per doubling
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_padding_a_prompt_to_its_bucket_leaves_its_attention_unchanged(device):
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(300, n, HEAD_DIM, generator=gen).to(device, dtype) for n in (HEADS, KV_HEADS, KV_HEADS))
+    padded = causal_attention(q, k, v, 0.125, bucket=True)
+    plain = causal_attention(q, k, v, 0.125, bucket=False)
+    assert padded.shape == q.shape
+    torch.testing.assert_close(padded, plain, atol=1e-5 if device == "cpu" else 1e-2, rtol=1e-4 if device == "cpu" else 1e-2)
+
+
+def test_prefill_warm_up_runs_nothing_off_cuda():
+    assert warm_up_prefill(HEADS, KV_HEADS, HEAD_DIM, 4096, torch.float32, torch.device("cpu")) == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_prefill_warm_up_runs_every_bucket_on_cuda():
+    assert warm_up_prefill(HEADS, KV_HEADS, HEAD_DIM, 4096, torch.bfloat16, torch.device("cuda")) == 32

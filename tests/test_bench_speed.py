@@ -42,8 +42,31 @@ def test_markdown_tables_show_each_point_its_floor_ratio_and_the_baseline():
     shape = {"shape": "qwen3-4b",
              "decode": [{**point, "batch_size": 1}, {**point, "batch_size": 64, "skipped": "too big"}],
              "prefill": [{"prefill_dtype": "fp8", "prompt_len": 512, "tok_s": 1234.4, "mfu_vs_bf16_peak": 0.1}],
-             "transformers": [{"batch_size": 1, "context_len": 1024, "step_s": 0.04}]}
+             "transformers": [{"batch_size": 1, "context_len": 1024, "step_s": 0.04}],
+             "engine": [{"async_scheduling": "off", "batch_size": 1, "context_len": 1024, "step_s": 0.005},
+                        {"async_scheduling": "auto", "batch_size": 1, "context_len": 1024, "step_s": 0.0044}]}
     text = markdown_tables([{"shapes": [shape]}])
+    assert "| 1 | 1,024 | 4.00 (2.00) | 5.00 (2.50) | 4.40 (2.20) |" in text
     assert "| bf16 | 1,024 | 4.00 (2.00) | does not fit |" in text
     assert "| fp8 | 1,234 (10%) |" in text
     assert "| qwen3-4b | 1 | 40.0 | 4.00 | 10.0 | 2.00 | 20.0 |" in text
+
+
+def test_engine_steps_are_timed_plain_and_overlapped():
+    from hma.bench.speed import bench_engine_steps
+
+    model = Qwen3ForCausalLM.create(ModelConfig(**SHAPE), torch.float32, "cpu")
+    model.init_random_()
+    rows = bench_engine_steps(model, [1, 3], context=5, device=torch.device("cpu"), iters=2, steps=2)
+    assert [(r["async_scheduling"], r["batch_size"]) for r in rows] == [("off", 1), ("off", 3), ("auto", 1), ("auto", 3)]
+    assert all(r["step_s"] > 0 and r["tok_s"] == r["batch_size"] / r["step_s"] for r in rows)
+
+
+def test_prefill_rows_time_the_first_prompt_of_each_length_apart():
+    from hma.bench.speed import bench_prefill
+
+    model = Qwen3ForCausalLM.create(ModelConfig(**SHAPE), torch.float32, "cpu")
+    model.init_random_()
+    rows = bench_prefill(model, ["bf16"], [5, 9], peak=1e12, device=torch.device("cpu"), iters=2)
+    assert [r["prompt_len"] for r in rows] == [5, 9]
+    assert all(r["first_s"] > 0 and r["seconds"] > 0 for r in rows)

@@ -48,6 +48,29 @@ def test_eager_gpu_decode_gives_the_same_tokens_as_graphs():
 
 
 
+@needs_cuda
+def test_overlapped_graph_steps_give_the_plain_steps_tokens():
+    hf = tiny_hf_model(head_dim=32)
+    params = [SamplingParams(max_tokens=m, temperature=0, ignore_eos=True) for m in (3, 30, 1, 17, 30)]
+
+    def run(mode):
+        engine = engine_from_hf(hf, kv_dtype="fp8", device="cuda", max_num_seqs=8, async_scheduling=mode)
+        reqs = [engine.add_request(p, sp) for p, sp in zip(PROMPTS, params)]
+        fed = []
+        if engine.overlap is not None:
+            launch = engine.overlap.launch
+            engine.overlap.launch = lambda chunks, feedback: fed.append(max(feedback)) or launch(chunks, feedback)
+        while engine.has_unfinished:
+            engine.step()
+        assert engine.kv_cache.allocator.num_free == engine.kv_cache.num_blocks - 1
+        return [r.output_token_ids for r in reqs], fed
+
+    plain, _ = run("off")
+    overlapped, fed = run("auto")
+    assert overlapped == plain
+    assert len(fed) > 20 and max(fed) >= 0  # launched with tokens fed back on the device
+
+
 def _graph_runner(max_num_seqs: int = 5, max_model_len: int = 64) -> DecodeGraphs:
     model = hma_model_from_hf(tiny_hf_model())
     cache = KVCache(model.config, 32, 4, get_kv_format("int8"), "cpu")
@@ -66,14 +89,34 @@ def test_graph_runner_fills_padding_rows_that_attention_skips():
     runner = _graph_runner()
     bs = runner.block_size
     decodes = [SeqChunk([7], 5, [3, 9]), SeqChunk([11], 0, [4])]
-    runner._fill(decodes, 4)
+    runner._fill(decodes, [-1, -1], 4)
     runner._upload(4)
+    runner._feed(4)
     batch = runner._static_batch(4)
     assert batch.input_ids.tolist() == [7, 11, 0, 0]
     assert batch.positions.tolist() == [5, 0, 0, 0]
     assert batch.slot_mapping.tolist() == [9 * bs + 1, 4 * bs, runner.pad_block * bs, runner.pad_block * bs]
     assert batch.seq_lens.tolist() == [6, 1, 0, 0]  # length 0: attention reads nothing for padding
     assert batch.block_tables[0, :2].tolist() == [3, 9] and batch.block_tables[1, 0] == 4
+
+
+def test_graph_runner_feeds_rows_the_previous_steps_tokens_on_the_device():
+    runner = _graph_runner()
+    runner.tokens[:3] = torch.tensor([40, 41, 42])  # what the step before sampled
+    decodes = [SeqChunk([-1], 5, [3, 9]), SeqChunk([11], 0, [4]), SeqChunk([-1], 2, [5])]
+    runner._fill(decodes, [2, -1, 0], 4)
+    runner._upload(4)
+    runner._feed(4)
+    assert runner._static_batch(4).input_ids.tolist() == [42, 11, 40, 0]
+
+
+def test_graph_runner_fills_its_two_input_sets_in_turn():
+    runner = _graph_runner()
+    for turn, token in ((1, 7), (0, 8), (1, 9)):
+        runner.turn ^= 1
+        runner._fill([SeqChunk([token], 0, [4])], [-1], 1)
+        assert runner.turn == turn and runner.host_scalars[turn, 0, 0] == token
+    assert runner.host_scalars[0, 0, 0] == 8  # the other set still holds the step before's inputs
 
 
 def test_graph_runner_declines_what_no_graph_fits():

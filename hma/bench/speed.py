@@ -7,9 +7,11 @@ and transformers as the baseline.
 2. Decode: one step (CUDA graph replay, greedy sampling, tokens back on the host) for each
    shape x KV format x context x batch; the floor is the bytes a step must read (every weight
    once, plus the KV of every token) over the copy bandwidth, and the ratio is step / floor.
-3. Prefill: one prompt of each length per prefill precision (its KV written in the same 8-bit
-   format, bf16 KV for bf16), tokens/s and model FLOPs utilisation against the bf16 peak.
-4. transformers' `generate` on the same shapes (bf16, random weights): decode tokens/s from two
+3. Whole engine steps (host work included) in steady greedy decode, plain and overlapped.
+4. Prefill: one prompt of each length per prefill precision (its KV written in the same 8-bit
+   format, bf16 KV for bf16), tokens/s and model FLOPs utilisation against the bf16 peak, and
+   the first prompt of each length after the hosts' warm-up (first-use stalls).
+5. transformers' `generate` on the same shapes (bf16, random weights): decode tokens/s from two
    generate calls of different lengths, so its prefill cancels out.
 Medians of --iters runs. Points whose KV does not fit in memory are listed as skipped.
 """
@@ -142,6 +144,40 @@ def bench_decode(model: Qwen3ForCausalLM, kv_dtype: str, contexts: list[int], ba
     return rows
 
 
+def bench_engine_steps(model: Qwen3ForCausalLM, batch_sizes: list[int], context: int, device: torch.device,
+                       iters: int, steps: int = 10) -> list[dict]:
+    """Whole engine steps in steady greedy decode (scheduling, inputs, graph replay, tokens read
+    back, stop checks), plain and overlapped (async_scheduling off / auto), bf16 KV, prompts of
+    `context` tokens: median over iters windows of `steps` steps each, after two windows."""
+    from hma.config import EngineConfig
+    from hma.engine import LLMEngine
+    from hma.sampling import SamplingParams
+
+    rows, length = [], context + steps * (iters + 2) + 1
+    for mode in ("off", "auto"):
+        for bs in batch_sizes:
+            cache = KVCache(model.config, bs * blocks_for(length, BLOCK_SIZE) + 2, BLOCK_SIZE, get_kv_format("bf16"), device)
+            config = EngineConfig(device=device.type, block_size=BLOCK_SIZE, max_num_seqs=bs, max_model_len=length,
+                                  async_scheduling=mode)
+            engine = LLMEngine(model, cache, config, eos_token_ids=[])
+            params = SamplingParams(max_tokens=length - context, temperature=0.0, ignore_eos=True)
+            reqs = [engine.add_request(c.token_ids, params) for c in chunks(bs, context, model.config.vocab_size)]
+            while not all(r.output_token_ids for r in reqs):
+                engine.step()  # the prefills
+            times = []
+            for i in range(iters + 2):
+                t0 = time.perf_counter()
+                for _ in range(steps):
+                    engine.step()
+                if i >= 2:
+                    times.append((time.perf_counter() - t0) / steps)
+            rows.append({"async_scheduling": mode, "batch_size": bs, "context_len": context,
+                         "step_s": statistics.median(times), "tok_s": bs / statistics.median(times)})
+            del engine, cache
+            torch.cuda.empty_cache()
+    return rows
+
+
 def decoder_linear_params(config: ModelConfig) -> int:
     """Weights of every layer's q/k/v, o, gate/up and down projections (no norms, no embeddings)."""
     h, inter = config.hidden_size, config.intermediate_size
@@ -161,18 +197,26 @@ def prefill_flops(config: ModelConfig, num_tokens: int) -> float:
 
 def bench_prefill(model: Qwen3ForCausalLM, modes: list[str], lens: list[int], peak: float,
                   device: torch.device, iters: int) -> list[dict]:
+    """One prompt per length and precision, after the serving hosts' warm-up (a tiny prompt,
+    prefill attention at every length bucket); first_s is the first prompt of that length."""
+    from hma.engine import warm_up_attention
+
     config = model.config
+    warm_up_attention(model, max(lens))
     rows = []
     for mode in modes:
         model.use_prefill_precision(mode)
         cache = KVCache(config, blocks_for(max(lens), BLOCK_SIZE), BLOCK_SIZE,
                         get_kv_format("bf16" if mode == "bf16" else mode), device)
+        model(Batch.build(chunks(1, 4, config.vocab_size), [], BLOCK_SIZE, device), cache)
         for n in lens:
             batch = Batch.build(chunks(1, n, config.vocab_size), [], BLOCK_SIZE, device)
+            first = median_seconds(lambda: model(batch, cache), device, iters=1, warmup=0)
             seconds = median_seconds(lambda: model(batch, cache), device, iters)
             flops = prefill_flops(config, n)
-            rows.append({"prefill_dtype": mode, "prompt_len": n, "seconds": seconds, "tok_s": n / seconds,
-                         "tflop_per_s": flops / seconds / 1e12, "mfu_vs_bf16_peak": flops / seconds / peak})
+            rows.append({"prefill_dtype": mode, "prompt_len": n, "seconds": seconds, "first_s": first,
+                         "tok_s": n / seconds, "tflop_per_s": flops / seconds / 1e12,
+                         "mfu_vs_bf16_peak": flops / seconds / peak})
     model.use_prefill_precision("bf16")
     return rows
 
@@ -216,6 +260,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--prefill-dtypes", default="bf16,fp8,int8")
     parser.add_argument("--baseline-batch-sizes", default="1,64", help="transformers' generate ('' skips)")
     parser.add_argument("--baseline-tokens", type=int, default=16, help="decode steps per baseline run")
+    parser.add_argument("--engine-batch-sizes", default="1,64",
+                        help="whole engine steps, plain and overlapped, at the smallest context ('' skips)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--num-layers", type=int, default=None, help="cut the layer count (smoke runs)")
@@ -242,11 +288,14 @@ def main(argv: list[str] | None = None) -> dict:
         model = Qwen3ForCausalLM.create(config, torch.bfloat16, device,
                                         max_positions=max(ints(args.contexts) + ints(args.prompt_lens)) + 1)
         model.init_random_()
-        result = {"shape": shape, "decode": [], "prefill": [], "transformers": []}
+        result = {"shape": shape, "decode": [], "engine": [], "prefill": [], "transformers": []}
         for kv_dtype in args.kv_dtypes.split(","):
             result["decode"] += bench_decode(model, kv_dtype, ints(args.contexts), ints(args.batch_sizes),
                                              peaks["copy_bytes_per_s"], device, args.iters)
             torch.cuda.empty_cache()
+        if args.engine_batch_sizes:
+            result["engine"] = bench_engine_steps(model, ints(args.engine_batch_sizes), min(ints(args.contexts)),
+                                                  device, args.iters)
         result["prefill"] = bench_prefill(model, args.prefill_dtypes.split(","), ints(args.prompt_lens),
                                           peaks["bf16_flop_per_s"], device, args.iters)
         del model
@@ -284,15 +333,19 @@ def _print_shape(result: dict) -> None:
         versus = f"{r['tok_s'] / base['tok_s']:>6.1f}" if base else f"{'':>6}"
         print(f"{r['kv_dtype']:>5} {r['context_len']:>7} {r['batch_size']:>5} {r['step_s'] * 1e3:>8.2f} "
               f"{r['floor_s'] * 1e3:>8.2f} {r['x_floor']:>7.2f} {r['tok_s']:>9,.0f} {versus}")
+    for r in result.get("engine", []):
+        print(f"engine step, async_scheduling={r['async_scheduling']}: batch {r['batch_size']}, context "
+              f"{r['context_len']}: {r['step_s'] * 1e3:.2f} ms, {r['tok_s']:,.0f} tok/s")
     for r in result["transformers"]:
         print(f"transformers generate: batch {r['batch_size']}, context {r['context_len']}: "
               f"{r['step_s'] * 1e3:.2f} ms/step, {r['tok_s']:,.1f} tok/s")
     print(f"\n{result['shape']} prefill")
-    print(f"{'dtype':>5} {'tokens':>6} {'ms':>8} {'tok/s':>9} {'TFLOP/s':>8} {'MFU':>5} {'x bf16':>6}")
+    print(f"{'dtype':>5} {'tokens':>6} {'ms':>8} {'first ms':>8} {'tok/s':>9} {'TFLOP/s':>8} {'MFU':>5} {'x bf16':>6}")
     for r in result["prefill"]:
         base = next(b for b in result["prefill"] if b["prompt_len"] == r["prompt_len"])
-        print(f"{r['prefill_dtype']:>5} {r['prompt_len']:>6} {r['seconds'] * 1e3:>8.1f} {r['tok_s']:>9,.0f} "
-              f"{r['tflop_per_s']:>8.0f} {r['mfu_vs_bf16_peak']:>5.0%} {base['seconds'] / r['seconds']:>6.2f}")
+        print(f"{r['prefill_dtype']:>5} {r['prompt_len']:>6} {r['seconds'] * 1e3:>8.1f} {r['first_s'] * 1e3:>8.1f} "
+              f"{r['tok_s']:>9,.0f} {r['tflop_per_s']:>8.0f} {r['mfu_vs_bf16_peak']:>5.0%} "
+              f"{base['seconds'] / r['seconds']:>6.2f}")
 
 
 def markdown_tables(runs: list[dict]) -> str:
@@ -300,7 +353,7 @@ def markdown_tables(runs: list[dict]) -> str:
     out = []
     for run in runs:
         for shape in run["shapes"]:
-            out += _decode_table(shape) + _prefill_table(shape) + _baseline_table(shape)
+            out += _decode_table(shape) + _engine_table(shape) + _prefill_table(shape) + _baseline_table(shape)
     return "\n".join(out)
 
 
@@ -313,6 +366,24 @@ def _decode_table(shape: dict) -> list[str]:
         cells = {r["batch_size"]: ("does not fit" if "skipped" in r else f"{r['step_s'] * 1e3:.2f} ({r['x_floor']:.2f})")
                  for r in shape["decode"] if (r["kv_dtype"], r["context_len"]) == (kv, context)}
         lines.append(f"| {kv} | {context:,} | " + " | ".join(cells.get(b, "") for b in batches) + " |")
+    return lines + [""]
+
+
+def _engine_table(shape: dict) -> list[str]:
+    rows = shape.get("engine", [])  # (runs saved before engine steps were measured have none)
+    if not rows:
+        return []
+    lines = [f"Whole engine step, {shape['shape']}, bf16 KV: ms (x floor of the graph step at that batch)", "",
+             "| batch | context | graph replay only | engine, plain | engine, overlapped |", "|---:|---:|---:|---:|---:|"]
+    for bs in dict.fromkeys(r["batch_size"] for r in rows):
+        graph = next((r for r in shape["decode"] if r["kv_dtype"] == "bf16" and "skipped" not in r
+                      and (r["batch_size"], r["context_len"]) == (bs, rows[0]["context_len"])), None)
+        if graph is None:
+            continue
+        cell = lambda r: f"{r['step_s'] * 1e3:.2f} ({r['step_s'] / graph['floor_s']:.2f})"  # noqa: E731
+        plain, overlapped = (next(r for r in rows if r["batch_size"] == bs and r["async_scheduling"] == m)
+                             for m in ("off", "auto"))
+        lines.append(f"| {bs} | {rows[0]['context_len']:,} | {cell(graph)} | {cell(plain)} | {cell(overlapped)} |")
     return lines + [""]
 
 
