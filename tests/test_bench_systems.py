@@ -2,6 +2,9 @@
 real run of the colocated baseline on this CPU (two replicas of the demo model behind the router)."""
 
 import json
+from pathlib import Path
+
+import pytest
 
 from hma.bench.link import measure as measure_link
 from hma.bench.systems import SYSTEMS, main, probe_requests, table
@@ -17,6 +20,9 @@ def test_each_system_starts_the_hosts_and_flags_it_names():
     bf16 = SYSTEMS["disagg-bf16"].plan("H200")
     assert (bf16.prefill_dtype, bf16.kv_dtype, bf16.pipeline, bf16.num_prefill) == ("bf16", "bf16", False, 1)
     assert SYSTEMS["hma"].plan("H200").pipeline and SYSTEMS["colocated"].plan("H200").prefill is None
+    one = SYSTEMS["colocated-1"]
+    assert one.cluster("demo", []).num_decode == 1 and one.cluster("demo", []).gpus == {"decode": "0"}
+    assert one.plan("H200").num_decode == 1 and one.num_gpus == 1 and SYSTEMS["colocated"].num_gpus == 2
 
 
 def test_a_probe_spans_the_window_at_its_rate():
@@ -50,12 +56,15 @@ def test_the_loopback_link_is_measured_through_the_transport():
     assert row["raw_gbytes_per_s"] > 0  # the plain-socket baseline, same bytes, same run
 
 
-def test_a_short_colocated_run_on_the_cpu_finds_a_goodput(tmp_path):
+@pytest.mark.parametrize("system", ["colocated", "colocated-1"])
+def test_a_short_colocated_run_on_the_cpu_finds_a_goodput(tmp_path, system):
     out = tmp_path / "systems.json"
-    result = main(["--model", "demo", "--systems", "colocated", "--traces", "azure-conv", "--max-prompt-len", "48",
+    speed = str(Path(__file__).parents[1] / "hma/bench/results/speed_h200_qwen3-4b.json")  # fitted, unused by demo
+    result = main(["--model", "demo", "--systems", system, "--traces", "azure-conv", "--max-prompt-len", "48",
                    "--max-output-len", "3", "--window-s", "2", "--min-requests", "3", "--start-rate", "0.5",
                    "--max-rate", "0.5", "--refine", "0", "--slo-ttft-ms", "20000", "--slo-tpot-ms", "5000",
-                   "--json", str(out)])
+                   "--calibration", speed, "--json", str(out)])
+    assert result["calibration"] == [speed]
     (system,) = result["systems"]
     (trace,) = system["traces"]
     assert trace["goodput"] == 0.5 and trace["probes"][0]["completed"] == 3

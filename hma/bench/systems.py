@@ -4,6 +4,7 @@
 Every host is its own process (hma.launch.LocalCluster), KV crosses loopback TCP, and the
 router's OpenAI API is what the load generator (bench serve's replay) drives:
   colocated    (a) two replicas, one per GPU, each prefilling and decoding its own requests
+  colocated-1  (a1) one such replica on one GPU (a check of the planner where only one GPU is lent)
   disagg-bf16  (b) prefill host on GPU 0, decode host on GPU 1: bf16 prefill, bf16 KV, no pipeline
   hma          (c) the same two hosts: fp8 prefill, fp8 KV, per-layer pipeline, deferred dequantization
 Per system and trace, goodput (DistServe: the highest rate at which 90% of requests meet both
@@ -53,19 +54,25 @@ class System:
     colocated: bool
     prefill_flags: tuple[str, ...] = ()
     kv_dtype: str = "bf16"
+    replicas: int = 2  # colocated only
+
+    @property
+    def num_gpus(self) -> int:
+        return self.replicas if self.colocated else 2
 
     def cluster(self, model: str, common: list[str]) -> LocalCluster:
         kv = ["--kv-dtype", self.kv_dtype]
         if self.colocated:
-            return LocalCluster(model=model, colocated=True, num_decode=2, decode_flags=[*common, *kv],
-                                gpus={"decode": "0", "decode-1": "1"})
+            gpus = {"decode" + (f"-{i}" if i else ""): str(i) for i in range(self.replicas)}
+            return LocalCluster(model=model, colocated=True, num_decode=self.replicas, decode_flags=[*common, *kv],
+                                gpus=gpus)
         return LocalCluster(model=model, prefill_flags=[*common, *kv, *self.prefill_flags],
                             decode_flags=[*common, *kv], gpus={"prefill": "0", "decode": "1"})
 
     def plan(self, card: str) -> Plan:
         gpu = ACCELERATORS[card]
         if self.colocated:
-            return Plan(self.label, gpu, 2)
+            return Plan(self.label, gpu, self.replicas)
         pipeline = "--no-pipeline" not in self.prefill_flags
         mode = self.prefill_flags[self.prefill_flags.index("--prefill-dtype") + 1]
         return Plan(self.label, gpu, 1, gpu, 1, mode, self.kv_dtype, pipeline)
@@ -73,6 +80,7 @@ class System:
 
 SYSTEMS = {
     "colocated": System("(a) colocated replicas, bf16", colocated=True),
+    "colocated-1": System("(a1) one colocated replica, bf16, one GPU", colocated=True, replicas=1),
     "disagg-bf16": System("(b) disaggregated, bf16 prefill + KV, no pipeline", False,
                           ("--prefill-dtype", "bf16", "--no-pipeline")),
     "hma": System("(c) HMA: fp8 prefill, fp8 KV, pipeline", False, ("--prefill-dtype", "fp8"), "fp8"),
@@ -144,7 +152,8 @@ def predicted(system: System, model: str, requests: list[TraceRequest], slo: SLO
     return simulated_goodput(requests, deployment, slo, 0.05, 400.0, 12)[0]
 
 
-def run_system(name: str, args: argparse.Namespace, result: dict, out_of_time: float) -> None:
+def run_system(name: str, args: argparse.Namespace, result: dict, out_of_time: float,
+               calibration: Calibration = H100_CALIBRATION) -> None:
     system = SYSTEMS[name]
     common = ["--max-model-len", str(args.max_model_len), *args.host_flags.split()]
     t0 = time.monotonic()
@@ -156,7 +165,7 @@ def run_system(name: str, args: argparse.Namespace, result: dict, out_of_time: f
             requests, num_clipped = clip(read_trace(trace_path(trace))[:args.num_prompts], args.max_prompt_len,
                                          args.max_output_len)
             slo = SLO(args.slo_ttft_ms / 1e3, args.slo_tpot_ms / 1e3) if args.slo_ttft_ms else DEFAULT_SLOS[trace]
-            guess = predicted(system, args.model, requests, slo, args.card, args.link_gbps)
+            guess = predicted(system, args.model, requests, slo, args.card, args.link_gbps, calibration)
             print(f" {trace} (SLO TTFT {slo.ttft_s * 1e3:g} ms, TPOT {slo.tpot_s * 1e3:g} ms), planner: "
                   f"{guess if guess is None else round(guess, 2)} req/s", flush=True)
             found = asyncio.run(measure(cluster.url, args.model, requests, slo, guess or args.start_rate,
@@ -208,7 +217,7 @@ def table(results: list[dict], calibration: Calibration | None = None) -> str:
             p = t["predicted_goodput"] if calibration is None else repredict(result, name, t, calibration)
             error = f"{(p - g) / g:+.0%}" if g and p is not None else "n/a"
             shown = _shown(g, t)
-            per_gpu = _num(g / 2) if g is not None else "n/a"
+            per_gpu = _num(g / SYSTEMS[name].num_gpus) if g is not None else "n/a"
             lines.append(f"| {result['model']} | {trace} ({t['slo']['ttft_ms']:g} / {t['slo']['tpot_ms']:g} ms) | "
                          f"{SYSTEMS[name].label} | {shown} | {per_gpu} | {_num(p)} | {error} |")
         for trace in dict.fromkeys(t for _, t in found):
@@ -275,18 +284,18 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--table", type=Path, nargs="*", default=None, help="print the table of saved runs")
     parser.add_argument("--calibration", type=Path, nargs="+", default=None,
-                        help="with --table: predict again with step costs fitted to these bench speed JSONs "
-                             "(measured on --card's kind of GPU)")
+                        help="predict with step costs fitted to these bench speed JSONs (measured on --card's "
+                             "kind of GPU; with --table: predict saved runs again)")
     args = parser.parse_args(argv)
     if bool(args.slo_ttft_ms) != bool(args.slo_tpot_ms):
         parser.error("give both --slo-ttft-ms and --slo-tpot-ms, or neither")
+    calibration = None
+    if args.calibration:
+        runs = [json.loads(p.read_text()) for p in args.calibration]
+        merged = {"shapes": [s for r in runs for s in r["shapes"]],
+                  "num_layers": next((r["num_layers"] for r in runs if r.get("num_layers")), None)}
+        calibration = calibrate(merged, ACCELERATORS[args.card])  # refuses cut-layer runs
     if args.table is not None:
-        calibration = None
-        if args.calibration:
-            runs = [json.loads(p.read_text()) for p in args.calibration]
-            merged = {"shapes": [s for r in runs for s in r["shapes"]],
-                      "num_layers": next((r["num_layers"] for r in runs if r.get("num_layers")), None)}
-            calibration = calibrate(merged, ACCELERATORS[args.card])  # refuses cut-layer runs
         print(table([json.loads(p.read_text()) for p in args.table], calibration))
         return None
     out_of_time = time.monotonic() + args.time_budget_s
@@ -295,11 +304,12 @@ def main(argv: list[str] | None = None) -> dict | None:
     args.link_gbps = args.link_gbps or 8 * link["gbytes_per_s"]
     result = {"model": args.model, "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M"),
               "card": args.card, "link": link, "link_gbps": args.link_gbps, "window_s": args.window_s,
+              "calibration": [str(p) for p in args.calibration or []],
               "num_prompts": args.num_prompts,
               "max_prompt_len": args.max_prompt_len, "max_output_len": args.max_output_len, "systems": []}
     for name in args.systems.split(","):
         if time.monotonic() > out_of_time:
             break
-        run_system(name, args, result, out_of_time)
+        run_system(name, args, result, out_of_time, calibration or H100_CALIBRATION)
     print(table([result]))
     return result
