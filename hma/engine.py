@@ -383,10 +383,19 @@ def apply_chat_template(tokenizer, messages: list[dict]) -> list[int]:
 
 def warm_up(engine: LLMEngine) -> None:
     """Two decode steps on a tiny prompt, so the first request does not pay for lazy set-up
-    (compiled kernels, and on CUDA the decode graphs, which are captured on first use, and
-    prefill attention at every prompt-length bucket)."""
+    (compiled kernels, and on CUDA the decode graphs, which are captured on first use, prefill
+    attention at every prompt-length bucket, and every variant of the decode attention kernel
+    that eager steps mixing prompts and decodes can launch)."""
     run_to_completion(engine, [[1, 2, 3, 4]], SamplingParams(max_tokens=2, temperature=0.0))
     warm_up_attention(engine.model, engine.max_model_len)
+    if engine.device.type == "cuda":
+        from hma.kernels import warm_up_decode  # Triton ships with CUDA builds of torch
+
+        c = engine.model.config
+        t0 = time.perf_counter()
+        launches = warm_up_decode(engine.kv_cache.layers[0], c.num_attention_heads, c.head_dim,
+                                  engine.max_model_len, engine.model.embed_tokens.weight.dtype)
+        log.info("ran decode attention in its %d launch variants in %.1f s", launches, time.perf_counter() - t0)
 
 
 def warm_up_attention(model: Qwen3ForCausalLM, max_len: int) -> None:

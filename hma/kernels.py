@@ -130,7 +130,16 @@ def _attend_tile(tile_start, end, q, running_max, running_sum, acc, k_ptr, k_sca
     return new_max, running_sum, acc
 
 
-@triton.jit
+# Triton compiles a kernel again for every new pattern of its integer arguments (== 1, divisible
+# by 16) and pointer alignments. Eager decode steps (mixed with prefills) meet new table widths,
+# split counts and row offsets all the time, and each new variant stalled a step for about a
+# second on the H200 (measured); these arguments stay unspecialized, so only constexprs pick a
+# variant, and warm_up_decode compiles all of those up front.
+_VARYING = dict(do_not_specialize=["table_stride", "num_splits"],
+                do_not_specialize_on_alignment=["tables_ptr", "seq_lens_ptr"])
+
+
+@triton.jit(**_VARYING)
 def _paged_decode_kernel(
         q_ptr, k_ptr, k_scales_ptr, v_ptr, v_scales_ptr, tables_ptr, seq_lens_ptr,
         out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr, scale, table_stride, num_splits,
@@ -183,7 +192,7 @@ def _paged_decode_kernel(
         tl.store(part_sum_ptr + part, running_sum, mask=head_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _merge_splits_kernel(out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr,
                          num_splits, HEAD_DIM: tl.constexpr, DIM_ROWS: tl.constexpr,
                          SPLIT_ROWS: tl.constexpr):
@@ -267,6 +276,28 @@ def paged_decode_attention(q: torch.Tensor, cache: LayerKV, block_tables: torch.
             _merge_splits_kernel, (num_seqs * num_heads,), out, part_acc, part_max, part_sum, num_splits,
             HEAD_DIM=head_dim, DIM_ROWS=dim_rows, SPLIT_ROWS=triton.next_power_of_2(num_splits))
     return out
+
+
+def warm_up_decode(cache: LayerKV, num_heads: int, head_dim: int, max_len: int, dtype: torch.dtype) -> int:
+    """Runs decode attention once per variant a step can meet (each partition, split or not,
+    each merge width up to max_len), so that none compiles while serving. Reads block 0 only,
+    writes nothing of the cache. Returns the number of launches."""
+    device, block_size = cache.k.device, cache.k.shape[1]
+    q = torch.zeros(1, num_heads, head_dim, dtype=dtype, device=device)
+    seq_lens = torch.ones(1, dtype=torch.long, device=device)
+    launches, partition = 0, DecodeConfig().tile
+    while partition <= MAX_PARTITION:
+        splits = 1
+        while True:
+            blocks = -(-min(splits * partition, max(max_len, partition)) // block_size)
+            tables = torch.zeros(1, blocks, dtype=torch.long, device=device)
+            paged_decode_attention(q, cache, tables, seq_lens, 1.0, partition=partition)
+            launches += 1
+            if splits * partition >= max_len:
+                break
+            splits *= 2
+        partition *= 2
+    return launches
 
 
 def triton_launch(kernel, grid: tuple[int, ...], *args, **constexprs) -> None:

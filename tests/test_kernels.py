@@ -175,3 +175,57 @@ def test_row_quantization_kernel_gives_the_cpu_reference_bytes_and_scales(mode):
     want_q, want_scale = quantize_rows(x, mode)
     assert torch.equal(got_scale.cpu(), want_scale)
     _same_bytes(got_q, want_q)
+
+
+def test_decode_warm_up_meets_every_partition_and_merge_width_and_leaves_the_cache_alone():
+    gen = torch.Generator().manual_seed(2)
+    layer, _ = _filled_layer("int8", [20], gen, torch.float32)
+    before = [t.clone() for t in layer.tensors]
+    # partition 128: one split and two; 256, 512 and 1,024: one split each
+    assert kernels.warm_up_decode(layer, HEADS, HEAD_DIM, 256, torch.float32) == 5
+    assert all(torch.equal(a, b) for a, b in zip(before, layer.tensors))
+
+
+def test_every_decode_launch_of_an_eager_step_was_made_by_the_warm_up(monkeypatch):
+    """Constexprs pick a kernel variant (the varying integers and pointers are unspecialized):
+    each launch that mixed steps make, whatever their rows, widths and lengths, must match one
+    the warm-up made, or it would compile while serving."""
+    launches = []
+    launch = kernels.triton_launch
+    monkeypatch.setattr(kernels, "triton_launch", lambda kernel, grid, *args, **constexprs: (
+        launches.append((kernel, tuple(sorted(constexprs.items())))), launch(kernel, grid, *args, **constexprs)))
+    gen = torch.Generator().manual_seed(4)
+    layer, _ = _filled_layer("fp8", [300] * 4, gen, torch.float32)
+    kernels.warm_up_decode(layer, HEADS, HEAD_DIM, 512, torch.float32)
+    warmed, launches[:] = set(launches), []
+    q = torch.randn(40, HEADS, HEAD_DIM, generator=gen).to(DEVICE)
+    tables = torch.randint(0, layer.k.shape[0], (40, 64), generator=gen).to(DEVICE)
+    lens = torch.randint(1, 512, (40,), generator=gen).to(DEVICE)
+    for start, rows, width in [(0, 1, 3), (1, 5, 17), (3, 16, 32), (2, 7, 64), (5, 33, 9), (0, 40, 64)]:
+        end = start + rows
+        paged_decode_attention(q[start:end], layer, tables[start:end, :width],
+                               lens[start:end].clamp(max=width * BLOCK), 0.125)
+    assert launches and set(launches) <= warmed
+
+
+def _compiled_variants() -> set:
+    fns = (kernels._paged_decode_kernel, kernels._merge_splits_kernel)
+    return {(i, str(key)) for i, fn in enumerate(fns) for entry in fn.device_caches.values() for key in entry[0]}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (compiled variants)")
+def test_eager_decode_of_new_widths_and_row_offsets_compiles_nothing_after_the_warm_up():
+    gen = torch.Generator().manual_seed(3)
+    layer, _ = _filled_layer("bf16", [300] * 4, gen, torch.bfloat16)
+    kernels.warm_up_decode(layer, HEADS, HEAD_DIM, 512, torch.bfloat16)
+    compiled = _compiled_variants()
+    q = torch.randn(40, HEADS, HEAD_DIM, generator=gen).to(DEVICE, torch.bfloat16)
+    tables = torch.randint(0, layer.k.shape[0], (40, 64), generator=gen).to(DEVICE)
+    lens = torch.randint(1, 512, (40,), generator=gen).to(DEVICE)
+    # as mixed steps slice them: decode rows after a varying number of prefill rows
+    for start, rows, width in [(0, 1, 3), (1, 5, 17), (3, 16, 32), (2, 7, 64), (5, 33, 9)]:
+        end = start + rows
+        paged_decode_attention(q[start:end], layer, tables[start:end, :width],
+                               lens[start:end].clamp(max=width * BLOCK), 0.125)
+    new = _compiled_variants() - compiled
+    assert not new, f"compiled after the warm-up: {sorted(new)}"
