@@ -72,12 +72,33 @@ def test_a_short_colocated_run_on_the_cpu_finds_a_goodput(tmp_path, system):
     assert json.loads(out.read_text())["link"]["gbytes_per_s"] > 0
 
 
+def test_the_planner_simulates_the_probes_the_measurement_sends():
+    from hma.bench.plan import H100_CALIBRATION, build, simulated_goodput
+    from hma.bench.systems import predicted
+    from hma.bench.traces import clip, read_trace, trace_path
+    from hma.bench.goodput import SLO
+    from hma import random_weights
+
+    requests, _ = clip(read_trace(trace_path("azure-code"))[:400], 8192, 512)
+    slo = SLO(0.5, 0.2)
+    sizes = []
+    deployment = build(SYSTEMS["colocated-1"].plan("H200"), random_weights.config_of("random:qwen3-4b"),
+                       H100_CALIBRATION, 1e9)
+    simulated_goodput(requests, deployment, slo, 0.5, 8.0, 3,
+                      lambda reqs, rate: sizes.append(len(probe_requests(reqs, rate, 10.0, 20))) or
+                      probe_requests(reqs, rate, 10.0, 20))
+    assert sizes and all(n < 400 for n in sizes)  # a probe's window, not the whole trace
+    windowed = predicted(SYSTEMS["colocated-1"], "random:qwen3-4b", requests, slo, "H200", 8.0, window_s=10.0)
+    whole = simulated_goodput(requests, deployment, slo, 0.05, 400.0, 12)[0]
+    assert windowed > whole  # a short window builds less queue than 400 requests in a row
+
+
 def test_saved_runs_are_predicted_again_from_other_step_costs():
     from hma.bench.plan import H100_CALIBRATION, Calibration
     from hma.bench.systems import repredict
 
     run = {"model": "random:qwen3-4b", "card": "H200", "link_gbps": 6.5, "num_prompts": 200,
-           "max_prompt_len": 8192, "max_output_len": 512}
+           "max_prompt_len": 8192, "max_output_len": 512, "window_s": 10.0}
     trace = _trace("azure-conv", 1.0, [(1, 1.0)], 99.0)
     slow = Calibration(decode=H100_CALIBRATION.decode,
                        prefill={k: (o + 0.15, e) for k, (o, e) in H100_CALIBRATION.prefill.items()})

@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -140,10 +141,12 @@ def build(plan: Plan, model: ModelConfig, cal: Calibration, link_bytes_per_s: fl
 
 
 def simulated_goodput(requests: list[TraceRequest], deployment: Deployment, slo: SLO, low: float, high: float,
-                      iterations: int) -> tuple[float, list[tuple[float, float]]]:
-    """Goodput, and every (rate, attainment) the search simulated."""
+                      iterations: int, at_rate: Callable[[list[TraceRequest], float], list[TraceRequest]] = scale_to_rate,
+                      ) -> tuple[float, list[tuple[float, float]]]:
+    """Goodput, and every (rate, attainment) the search simulated. at_rate(requests, rate) is what
+    one probe replays: by default every request, time-scaled to the rate."""
     async def attainment_at(rate: float) -> float:
-        return attainment(simulate(scale_to_rate(requests, rate), deployment), slo)
+        return attainment(simulate(at_rate(requests, rate), deployment), slo)
 
     return asyncio.run(search_goodput(attainment_at, low, high, iterations))
 

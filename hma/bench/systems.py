@@ -141,15 +141,23 @@ async def measure(url: str, model: str, requests: list[TraceRequest], slo: SLO, 
 
 
 def predicted(system: System, model: str, requests: list[TraceRequest], slo: SLO, card: str, link_gbps: float,
-              calibration: Calibration = H100_CALIBRATION) -> float | None:
-    """The cost planner's goodput for this deployment (random:SHAPE models only)."""
+              calibration: Calibration = H100_CALIBRATION, window_s: float = 12.0,
+              min_requests: int = 20) -> float | None:
+    """The cost planner's goodput for this deployment (random:SHAPE models only), asked the
+    measurement's question: each simulated probe replays the requests a real probe at that rate
+    would (the trace's first max(min_requests, rate x window_s)), not the whole trace, where
+    queues would build for longer."""
     shape = random_weights.shape_of(model)
     if shape is None:
         return None
     deployment = build(system.plan(card), random_weights.config_of(model), calibration, link_gbps * 1e9 / 8)
     if isinstance(deployment, str):
         return None
-    return simulated_goodput(requests, deployment, slo, 0.05, 400.0, 12)[0]
+
+    def probe(reqs: list[TraceRequest], rate: float) -> list[TraceRequest]:
+        return probe_requests(reqs, rate, window_s, min_requests)
+
+    return simulated_goodput(requests, deployment, slo, 0.05, 400.0, 12, probe)[0]
 
 
 def run_system(name: str, args: argparse.Namespace, result: dict, out_of_time: float,
@@ -165,7 +173,8 @@ def run_system(name: str, args: argparse.Namespace, result: dict, out_of_time: f
             requests, num_clipped = clip(read_trace(trace_path(trace))[:args.num_prompts], args.max_prompt_len,
                                          args.max_output_len)
             slo = SLO(args.slo_ttft_ms / 1e3, args.slo_tpot_ms / 1e3) if args.slo_ttft_ms else DEFAULT_SLOS[trace]
-            guess = predicted(system, args.model, requests, slo, args.card, args.link_gbps, calibration)
+            guess = predicted(system, args.model, requests, slo, args.card, args.link_gbps, calibration,
+                              args.window_s, args.min_requests)
             print(f" {trace} (SLO TTFT {slo.ttft_s * 1e3:g} ms, TPOT {slo.tpot_s * 1e3:g} ms), planner: "
                   f"{guess if guess is None else round(guess, 2)} req/s", flush=True)
             found = asyncio.run(measure(cluster.url, args.model, requests, slo, guess or args.start_rate,
@@ -235,7 +244,7 @@ def repredict(result: dict, system: str, trace: dict, calibration: Calibration) 
                        result["max_prompt_len"], result["max_output_len"])
     slo = SLO(trace["slo"]["ttft_ms"] / 1e3, trace["slo"]["tpot_ms"] / 1e3)
     return predicted(SYSTEMS[system], result["model"], requests, slo, result["card"], result["link_gbps"],
-                     calibration)
+                     calibration, result["window_s"], result.get("min_requests", 20))
 
 
 def _shown(goodput: float | None, trace: dict) -> str:
@@ -304,6 +313,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     args.link_gbps = args.link_gbps or 8 * link["gbytes_per_s"]
     result = {"model": args.model, "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M"),
               "card": args.card, "link": link, "link_gbps": args.link_gbps, "window_s": args.window_s,
+              "min_requests": args.min_requests,
               "calibration": [str(p) for p in args.calibration or []],
               "num_prompts": args.num_prompts,
               "max_prompt_len": args.max_prompt_len, "max_output_len": args.max_output_len, "systems": []}
