@@ -21,8 +21,9 @@ async def _collect(engine: AsyncEngine, prompt, params=GREEDY) -> list:
     return [out async for out in engine.generate(prompt, params)]
 
 
-async def test_concurrent_requests_stream_the_same_tokens_as_offline(hf):
-    engine = AsyncEngine(engine_from_hf(hf, num_blocks=64))
+@pytest.mark.parametrize("overlap", ["off", "on"])
+async def test_concurrent_requests_stream_the_same_tokens_as_offline(hf, overlap):
+    engine = AsyncEngine(engine_from_hf(hf, num_blocks=64, async_scheduling=overlap))
     engine.start()
     try:
         streams = await asyncio.gather(*(_collect(engine, p) for p in PROMPTS))
@@ -34,8 +35,9 @@ async def test_concurrent_requests_stream_the_same_tokens_as_offline(hf):
         assert stream[-1].finished and stream[-1].token_ids == want.token_ids
 
 
-async def test_a_caller_that_stops_listening_frees_its_blocks(hf):
-    core = engine_from_hf(hf, num_blocks=64)
+@pytest.mark.parametrize("overlap", ["off", "on"])
+async def test_a_caller_that_stops_listening_frees_its_blocks(hf, overlap):
+    core = engine_from_hf(hf, num_blocks=64, async_scheduling=overlap)
     engine = AsyncEngine(core)
     engine.start()
     try:

@@ -286,12 +286,14 @@ def test_load_generator_replays_a_trace_through_the_router(cluster, tmp_path):
 
 
 def test_colocated_replicas_behind_the_router_serve_like_one_engine(demo_model_path, single_process):
-    """Baseline (a): no prefill host; two decode hosts each prefill and decode their own requests."""
+    """Baseline (a): no prefill host; two decode hosts each prefill and decode their own requests,
+    overlapping their greedy decode steps (async scheduling, the default with CUDA graphs) here too."""
     # the prompts of the 32-request test, whose greedy answers have no near ties that batching
     # (other rows in the same matmul) could flip
     words = "the quick brown fox jumps over a lazy dog while seven wizards quietly hex".split()
     prompts = [" ".join(words[: 1 + i] * (1 + i // 4)) for i in range(8)]
-    with LocalCluster(colocated=True, num_decode=2, decode_flags=["--kv-dtype", "int8", *SMALL_KV]) as replicas:
+    with LocalCluster(colocated=True, num_decode=2, decode_flags=["--kv-dtype", "int8", "--async-scheduling", "on",
+                                                                  *SMALL_KV]) as replicas:
         with ThreadPoolExecutor(len(prompts)) as pool:
             answers = list(pool.map(lambda p: post_json(replicas.url + "/v1/completions", {
                 "model": "demo", "prompt": p, "max_tokens": 8, "temperature": 0}), prompts))
@@ -303,3 +305,26 @@ def test_colocated_replicas_behind_the_router_serve_like_one_engine(demo_model_p
         assert body["choices"][0]["text"] == alone.text
     served = [float(n) for n in re.findall(r'^hma:request_success_total{host="decode@[^"]*"} (\S+)$', metrics, re.M)]
     assert len(served) == 2 and sum(served) == len(prompts) and min(served) > 0  # both replicas served
+
+
+def test_a_decode_host_that_overlaps_its_steps_serves_like_one_engine(demo_model_path, single_process):
+    """Async scheduling on a disaggregated decode host (its default with CUDA graphs): requests join
+    from the prefill host while a launched step is unread."""
+    words = "the quick brown fox jumps over a lazy dog while seven wizards quietly hex".split()
+    prompts = [" ".join(words[: 2 + i] * (1 + i // 3)) for i in range(12)]
+    with LocalCluster(prefill_flags=["--kv-dtype", "int8", *SMALL_KV],
+                      decode_flags=["--kv-dtype", "int8", "--async-scheduling", "on", *SMALL_KV]) as running:
+        free_before = _metric(running.url, "hma:kv_cache_free_blocks", "decode")
+        for prompt in prompts[:3]:  # one at a time: the single process's batches, so its tokens
+            status, body = post_json(running.url + "/v1/completions", {"model": "demo", "prompt": prompt,
+                                                                       "max_tokens": 12, "temperature": 0})
+            alone = single_process.generate(prompt, SamplingParams(max_tokens=12, temperature=0), use_tqdm=False)[0]
+            assert status == 200 and body["choices"][0]["text"] == alone.text, body
+        with ThreadPoolExecutor(len(prompts)) as pool:  # all at once: joins while steps are in flight
+            results = list(pool.map(lambda i: post_json(running.url + "/v1/completions", {
+                "model": "demo", "prompt": prompts[i], "max_tokens": 3 + i, "temperature": 0,
+                "ignore_eos": True}), range(len(prompts))))
+        for i, (status, body) in enumerate(results):
+            assert status == 200 and body["usage"]["completion_tokens"] == 3 + i, body
+        assert _metric(running.url, "hma:kv_cache_free_blocks", "decode") == free_before
+        assert _metric(running.url, "hma:num_requests_running", "decode") == 0
