@@ -112,9 +112,9 @@ async def test_a_frame_declaring_a_huge_payload_is_refused_from_its_prefix_alone
 async def test_a_receiver_that_stops_reading_pushes_back_then_gets_every_frame_intact(monkeypatch):
     """Past STREAM_LIMIT queued bytes the receiver stops reading its socket, so the sender waits in
     drain; once it reads, every frame arrives, and each tensor is still its own after later frames."""
-    import hma.transport as transport
+    import hma.frame_reader as frame_reader
 
-    monkeypatch.setattr(transport, "STREAM_LIMIT", 1 << 20)
+    monkeypatch.setattr(frame_reader, "STREAM_LIMIT", 1 << 20)
     scales = torch.ones(512, 8, 1).half()
     frames = [KVLayer("r1", i, 0, 512, torch.full((512, 8, 128), i, dtype=torch.int8), scales,
                       torch.full((512, 8, 128), -i, dtype=torch.int8), scales) for i in range(64)]  # 1 MiB each
