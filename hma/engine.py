@@ -185,8 +185,12 @@ class LLMEngine:
         for req, token in zip(step.reqs, step.tokens.result()):
             if req.is_finished:
                 continue  # ended (a stop, an abort) while the step ran: its token is dropped
-            index = req.output_token_ids.index(PENDING)  # the oldest pending is this step's
-            req.output_token_ids[index] = token
+            ids = req.output_token_ids
+            # this step's token is the oldest PENDING one: the last, or the one before it when
+            # the step launched after this one holds the request too
+            index = len(ids) - 2 if len(ids) > 1 and ids[-2] == PENDING else len(ids) - 1
+            assert ids[index] == PENDING, "a running request in a launched step has its token pending"
+            ids[index] = token
             self._check_stop(req, index, now)
             read.append(req)
         self.kv_cache.allocator.free(step.held_blocks)
