@@ -21,8 +21,9 @@ import torch
 
 from hma.batch import Batch, SeqChunk
 from hma.config import EngineConfig
-from hma.engine import (LLMEngine, apply_chat_template, load_model, resolve_device, resolve_dtype,
-                        resolve_kv_format, run_to_completion, set_prefill_precision)
+from hma.engine import LLMEngine, run_to_completion
+from hma.loading import (apply_chat_template, load_model, resolve_device, resolve_dtype, resolve_kv_format,
+                         set_prefill_precision)
 from hma.kv_cache import KVCache, blocks_for
 from hma.qwen3 import Qwen3ForCausalLM
 from hma.sampling import SamplingParams

@@ -26,11 +26,11 @@ from hma import api, random_weights
 from hma.async_engine import AsyncEngine
 from hma.checkpoint import load_tokenizer, resolve_model_path
 from hma.config import RouterConfig
-from hma.engine import apply_chat_template
 from hma.errors import (AuthenticationError, HMAError, InvalidRequestError, NotFoundError, RequestTooLargeError,
                         ServiceUnavailableError)
 from hma.host import fingerprint_of, phase, resolve_secret, wait_for_stop_signal
 from hma.hosts import Cluster
+from hma.loading import apply_chat_template
 from hma.metrics import Counter, Gauge, Histogram, render
 from hma.request import RequestOutput
 from hma.transport import parse_address

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 
 from hma import LLM, SamplingParams
-from hma.engine import apply_chat_template
 from hma.eval import Scorer
+from hma.loading import apply_chat_template
 
 
 @pytest.fixture(scope="module")

@@ -2,10 +2,10 @@ import pytest
 import torch
 
 from hma.config import EngineConfig, ModelConfig, qwen3_shape
-from hma.engine import make_kv_cache
 from hma.errors import RequestTooLargeError
 from hma.kv_cache import BlockAllocator, KVCache, blocks_for, bytes_per_block
 from hma.kv_formats import KV_FORMATS, SCALE_DTYPE, get_kv_format
+from hma.loading import make_kv_cache
 from hma.request import Request
 from hma.sampling import SamplingParams
 from hma.scheduler import Scheduler

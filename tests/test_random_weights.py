@@ -10,7 +10,8 @@ from aiohttp.test_utils import TestClient, TestServer
 from hma import random_weights
 from hma.async_engine import AsyncEngine
 from hma.config import QWEN3_SHAPES, EngineConfig
-from hma.engine import LLMEngine, load_model
+from hma.engine import LLMEngine
+from hma.loading import load_model
 from hma.errors import InvalidRequestError, UnsupportedModelError
 from hma.host import fingerprint_of
 from hma.router import Router

@@ -24,10 +24,10 @@ import torch
 from hma import kernels
 from hma.attention import write_kv
 from hma.bench.speed import copy_bytes_per_s, machine_name, median_seconds
-from hma.engine import resolve_device
 from hma.kernels import DecodeConfig
 from hma.kv_cache import LayerKV
 from hma.kv_formats import get_kv_format
+from hma.loading import resolve_device
 
 BLOCK_SIZE = 16
 FILL_TOKENS = 1 << 16  # tokens written per call while filling the pools

@@ -18,9 +18,9 @@ import torch
 
 from hma.batch import Batch, SeqChunk
 from hma.config import EngineConfig
-from hma.engine import load_model, resolve_device, resolve_dtype, resolve_kv_format
 from hma.eval import EVAL_DIR
 from hma.kv_cache import KVCache, blocks_for
+from hma.loading import load_model, resolve_device, resolve_dtype, resolve_kv_format
 from hma.quant import QUANT_MODES, PhaseLinear, QuantizedLinear, smoothing_factors
 
 

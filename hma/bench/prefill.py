@@ -19,9 +19,9 @@ import torch
 from hma.batch import Batch
 from hma.bench.speed import BLOCK_SIZE, chunks, machine_name, median_seconds
 from hma.config import QWEN3_SHAPES, qwen3_shape
-from hma.engine import resolve_device, resolve_dtype
 from hma.kv_cache import KVCache, blocks_for
 from hma.kv_formats import KV_FORMATS, get_kv_format
+from hma.loading import resolve_device, resolve_dtype
 from hma.qwen3 import Qwen3ForCausalLM
 
 

@@ -23,9 +23,9 @@ from hma.batch import Batch
 from hma.bench.speed import BLOCK_SIZE, chunks, machine_name, weight_bytes
 from hma.config import qwen3_shape
 from hma.cuda_graphs import DecodeGraphs
-from hma.engine import resolve_device
 from hma.kv_cache import KVCache, blocks_for
 from hma.kv_formats import get_kv_format
+from hma.loading import resolve_device
 from hma.qwen3 import Qwen3ForCausalLM
 
 RUNS, WARM_RUNS = 5, 3

@@ -32,9 +32,9 @@ import torch
 from hma.batch import Batch, SeqChunk
 from hma.config import ModelConfig, qwen3_shape
 from hma.cuda_graphs import DecodeGraphs
-from hma.engine import resolve_device
 from hma.kv_cache import KVCache, blocks_for, bytes_per_block
 from hma.kv_formats import get_kv_format
+from hma.loading import resolve_device
 from hma.qwen3 import Qwen3ForCausalLM
 
 BLOCK_SIZE = 16

@@ -18,10 +18,10 @@ import torch
 from hma.batch import Batch
 from hma.bench.speed import BLOCK_SIZE, chunks, machine_name, median_seconds
 from hma.config import QWEN3_SHAPES, qwen3_shape
-from hma.engine import resolve_device
 from hma.kv_cache import KVCache, blocks_for
 from hma.kv_formats import get_kv_format
 from hma.kv_transfer import take_layer_kv, token_slots
+from hma.loading import resolve_device
 from hma.prefill import PrefillJob, prefill_batch
 from hma.qwen3 import Qwen3ForCausalLM
 from hma.sampling import SamplingParams
