@@ -4,6 +4,8 @@ CUDA graphs. Every case is held to the plain engine's outputs."""
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from hma.engine import run_to_completion
 from hma.kv_cache import BlockAllocator
@@ -112,6 +114,53 @@ def test_sampled_requests_run_plain_steps_beside_greedy_ones(hf):
         return [r.output_token_ids for r in reqs]
 
     assert run("on") == run("off")
+
+
+_OPS = st.lists(st.one_of(
+    st.tuples(st.just("add"), st.integers(1, 12), st.integers(1, 10), st.integers(-1, 6)),  # length, max_tokens, stop at
+    st.tuples(st.just("abort"), st.integers(0, 30)),
+    st.tuples(st.just("step"), st.integers(1, 4))), min_size=1, max_size=24)
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=_OPS, seed=st.integers(0, 2**16))
+def test_any_interleaving_of_adds_aborts_and_steps_keeps_overlaps_promises(hf, ops, seed):
+    """Whatever arrives, ends or is aborted while a step is in flight (in a cache small enough to
+    preempt): no PENDING token is ever shown, every block comes back, and each request that was
+    not aborted gets exactly its solo run's tokens and finish reason."""
+    overlapped = engine_from_hf(hf, num_blocks=24, async_scheduling="on")
+    plain = engine_from_hf(hf, num_blocks=64)
+    gen = torch.Generator().manual_seed(seed)
+    runs, aborted = [], set()
+
+    def step() -> None:
+        for out in overlapped.step():
+            assert PENDING not in out.token_ids
+
+    for op in ops:
+        if op[0] == "add":
+            prompt = torch.randint(0, 257, (op[1],), generator=gen).tolist()
+            free = SamplingParams(max_tokens=op[2], temperature=0.0)
+            solo = run_to_completion(plain, [prompt], free)[0].token_ids
+            stop = [solo[op[3]]] if 0 <= op[3] < len(solo) else []  # a stop token it will meet
+            params = SamplingParams(max_tokens=op[2], temperature=0.0, stop_token_ids=stop)
+            runs.append((overlapped.add_request(prompt, params), run_to_completion(plain, [prompt], params)[0]))
+        elif op[0] == "abort" and runs:
+            req = runs[op[1] % len(runs)][0]
+            if not req.is_finished:
+                overlapped.abort(req)
+                aborted.add(req.request_id)
+        elif op[0] == "step":
+            for _ in range(op[1]):
+                if overlapped.has_unfinished:
+                    step()
+    while overlapped.has_unfinished:
+        step()
+    assert overlapped.kv_cache.allocator.num_free == 24
+    for req, solo in runs:
+        assert req.is_finished and PENDING not in req.output_token_ids
+        if req.request_id not in aborted:
+            assert (req.output_token_ids, req.finish_reason) == (solo.token_ids, solo.finish_reason)
 
 
 def _scheduler(num_blocks: int, max_num_seqs: int = 4, budget: int = 64) -> Scheduler:
