@@ -101,8 +101,7 @@ class DecodeGraphs:
 
     def run(self, decodes: list[SeqChunk]) -> torch.Tensor:
         """Logits (len(decodes), vocab) of one decode step, by replaying the smallest bucket that fits."""
-        _, _, logits = self._replay(decodes, [-1] * len(decodes))
-        return logits[:len(decodes)]
+        return self._replay(decodes, [-1] * len(decodes))[:len(decodes)]
 
     def launch(self, decodes: list[SeqChunk], feedback: list[int]) -> PendingTokens:
         """Starts one greedy decode step without waiting for it. feedback[i] >= 0: row i's input
@@ -115,16 +114,17 @@ class DecodeGraphs:
         done.record()
         return PendingTokens(host, done)
 
-    def _replay(self, decodes: list[SeqChunk], feedback: list[int]):
+    def _replay(self, decodes: list[SeqChunk], feedback: list[int]) -> torch.Tensor:
+        """Fills the next input set, uploads it, replays the smallest bucket; its logits buffer."""
         if not self.graphs:
             self.capture()
         size = next(b for b in self.buckets if b >= len(decodes))
         self.turn ^= 1
         self._fill(decodes, feedback, size)
         self._upload(size)
-        graph, batch, logits = self.graphs[size]
+        graph, _, logits = self.graphs[size]
         graph.replay()
-        return graph, batch, logits
+        return logits
 
     def _step(self, batch: Batch, size: int) -> torch.Tensor:
         """What a graph runs: input ids (fed back or from the host), the model, greedy tokens."""

@@ -69,10 +69,10 @@ class LocalCluster:
         for i, prefill in enumerate(prefills):
             pf_host, _, pf_port = prefill.rpartition(":")
             self._spawn("prefill", ["--host", pf_host, "--port", pf_port, "--model", self.model, *self.prefill_flags],
-                        name=f"prefill-{i}" if i else "prefill")
+                        name=process_name("prefill", i))
         for i, decode in enumerate(decodes):
             self._spawn("decode", ["--port", decode.rpartition(":")[2], "--model", self.model, *self.decode_flags],
-                        name=f"decode-{i}" if i else "decode")
+                        name=process_name("decode", i))
         self._spawn("router", ["--port", str(self.router_port), "--model", self.model, "--prefill-hosts",
                                ",".join(map(self.route_prefill, prefills)), "--decode-hosts", ",".join(decodes),
                                *self.router_flags])
@@ -153,6 +153,11 @@ class LocalCluster:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def process_name(role: str, index: int) -> str:
+    """A host process's name in a LocalCluster (its log file, its key in gpus): decode, decode-1, ..."""
+    return f"{role}-{index}" if index else role
 
 
 def post_json(url: str, body: dict, timeout: float = 300.0) -> tuple[int, dict]:

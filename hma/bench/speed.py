@@ -369,6 +369,12 @@ def _decode_table(shape: dict) -> list[str]:
     return lines + [""]
 
 
+def _bf16_step(shape: dict, batch_size: int, context_len: int) -> dict | None:
+    """The measured bf16-KV graph step at this batch and context, if the run has one."""
+    return next((r for r in shape["decode"] if r["kv_dtype"] == "bf16" and "skipped" not in r
+                 and (r["batch_size"], r["context_len"]) == (batch_size, context_len)), None)
+
+
 def _engine_table(shape: dict) -> list[str]:
     rows = shape.get("engine", [])  # (runs saved before engine steps were measured have none)
     if not rows:
@@ -376,8 +382,7 @@ def _engine_table(shape: dict) -> list[str]:
     lines = [f"Whole engine step, {shape['shape']}, bf16 KV: ms (x floor of the graph step at that batch)", "",
              "| batch | context | graph replay only | engine, plain | engine, overlapped |", "|---:|---:|---:|---:|---:|"]
     for bs in dict.fromkeys(r["batch_size"] for r in rows):
-        graph = next((r for r in shape["decode"] if r["kv_dtype"] == "bf16" and "skipped" not in r
-                      and (r["batch_size"], r["context_len"]) == (bs, rows[0]["context_len"])), None)
+        graph = _bf16_step(shape, bs, rows[0]["context_len"])
         if graph is None:
             continue
         cell = lambda r: f"{r['step_s'] * 1e3:.2f} ({r['step_s'] / graph['floor_s']:.2f})"  # noqa: E731
@@ -404,8 +409,7 @@ def _baseline_table(shape: dict) -> list[str]:
     lines = ["| shape | batch | transformers ms/step | ours (bf16 KV) ms/step | x transformers | floor ms | most possible x |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for base in shape["transformers"]:
-        ours = next((r for r in shape["decode"] if r["kv_dtype"] == "bf16" and "skipped" not in r
-                     and (r["batch_size"], r["context_len"]) == (base["batch_size"], base["context_len"])), None)
+        ours = _bf16_step(shape, base["batch_size"], base["context_len"])
         if ours is None:  # no bf16 step of ours at that batch and context to compare with
             continue
         lines.append(f"| {shape['shape']} | {base['batch_size']} | {base['step_s'] * 1e3:.1f} | {ours['step_s'] * 1e3:.2f} | "

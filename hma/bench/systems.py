@@ -39,7 +39,7 @@ from hma.bench.link import measure as measure_link
 from hma.bench.plan import H100_CALIBRATION, Calibration, Plan, build, calibrate, simulated_goodput
 from hma.bench.serve import replay
 from hma.bench.traces import TraceRequest, clip, read_trace, scale_to_rate, trace_path
-from hma.launch import LocalCluster, post_json
+from hma.launch import LocalCluster, post_json, process_name
 
 # DistServe's chatbot SLO for the conversation trace; the code trace's prompts are 2k tokens on
 # average (7k at p99), too long for DistServe's 125 ms code-completion TTFT, so its TTFT limit is
@@ -63,7 +63,7 @@ class System:
     def cluster(self, model: str, common: list[str]) -> LocalCluster:
         kv = ["--kv-dtype", self.kv_dtype]
         if self.colocated:
-            gpus = {"decode" + (f"-{i}" if i else ""): str(i) for i in range(self.replicas)}
+            gpus = {process_name("decode", i): str(i) for i in range(self.replicas)}
             return LocalCluster(model=model, colocated=True, num_decode=self.replicas, decode_flags=[*common, *kv],
                                 gpus=gpus)
         return LocalCluster(model=model, prefill_flags=[*common, *kv, *self.prefill_flags],
