@@ -19,7 +19,9 @@ from hma.errors import ProtocolError
 from hma.random_weights import TokenIdText
 from hma.request import Request, RequestOutput, RequestStatus
 from hma.router import Router
-from hma.wire import (FRAME_PREFIX_SIZE, FrameDecoder, Generate, KVLayer, Tokens, encode_bytes)
+from hma.frame_reader import FrameReader
+from hma.wire import (FRAME_PREFIX_SIZE, FrameDecoder, Generate, KVLayer, Tokens, decode_body,
+                      encode_bytes)
 
 MODEL = "m"
 MAX_MODEL_LEN = 64
@@ -149,15 +151,49 @@ def test_corrupted_or_truncated_frames_never_pass_as_something_else(which, posit
 
 
 def _feed_in_pieces(data: bytes, splits: list[int]) -> list:
-    decoder = FrameDecoder(max_payload_bytes=1 << 16)
+    """The messages both parsers make of data arriving in these pieces, [] on a ProtocolError:
+    wire.FrameDecoder and the FrameReader that connections receive through, which must agree."""
     cuts = sorted({min(s, len(data)) for s in splits} | {0, len(data)})
+    pieces = [data[start:end] for start, end in zip(cuts, cuts[1:])]
+    decoder, messages = FrameDecoder(max_payload_bytes=1 << 16), []
+    try:
+        for piece in pieces:
+            messages += decoder.feed(piece)
+    except ProtocolError:
+        messages = []
+    read = asyncio.run(_read_in_pieces(pieces))
+    assert [encode_bytes(m) for m in read] == [encode_bytes(m) for m in messages]  # (tensors compare by bytes)
+    return messages
+
+
+class _Socket(asyncio.BaseTransport):
+    """What FrameReader needs of a transport when no socket is behind it."""
+
+    def pause_reading(self) -> None: ...
+
+    def resume_reading(self) -> None: ...
+
+
+async def _read_in_pieces(pieces: list[bytes]) -> list:
+    """FrameReader fed as a socket would feed it (get_buffer, buffer_updated), then EOF."""
+    reader = FrameReader(max_payload_bytes=1 << 16)
+    reader.connection_made(_Socket())
+    for piece in pieces:
+        while piece:
+            buffer = reader.get_buffer(-1)
+            n = min(len(buffer), len(piece))
+            buffer[:n], piece = piece[:n], piece[n:]
+            reader.buffer_updated(n)
+    reader.eof_received()
     messages = []
     try:
-        for start, end in zip(cuts, cuts[1:]):
-            messages += decoder.feed(data[start:end])
+        while True:
+            body, header_len, payload_len = await reader.next_frame()
+            messages.append(decode_body(body, header_len, payload_len))
+    except asyncio.IncompleteReadError:  # the end of the stream, inside a frame or between frames
+        return messages
     except ProtocolError:
         return []
-    return messages
 
 
 def test_a_declared_size_over_the_limit_is_refused_from_the_prefix_alone():
