@@ -19,7 +19,7 @@ from hma.attention import paged_attention
 from hma.batch import Batch, SeqChunk
 from hma.config import ModelConfig
 from hma.errors import CheckpointError
-from hma.fusion import gpu_fused
+from hma.fusion import gpu_kernel
 from hma.kv_cache import KVCache, LayerKV
 from hma.quant import PhaseLinear, smoothing_factors
 
@@ -49,8 +49,8 @@ def _add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
     return x, _rms_norm(x, weight, eps)
 
 
-rms_norm = gpu_fused(_rms_norm)
-add_rms_norm = gpu_fused(_add_rms_norm)
+rms_norm = gpu_kernel("rms_norm")(_rms_norm)
+add_rms_norm = gpu_kernel("add_rms_norm")(_add_rms_norm)
 
 
 class RotaryEmbedding(nn.Module):
@@ -88,7 +88,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
-@gpu_fused
+@gpu_kernel("norm_and_rotate")
 def norm_and_rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                     q_weight: torch.Tensor | None, k_weight: torch.Tensor | None,
                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,7 +98,7 @@ def norm_and_rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: to
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
 
-@gpu_fused
+@gpu_kernel("silu_and_mul")
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """SwiGLU's silu(gate) * up from the fused gate_up projection."""
     gate, up = gate_up.chunk(2, dim=-1)
