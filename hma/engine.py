@@ -19,6 +19,7 @@ from hma.attention import warm_up_prefill
 from hma.batch import Batch, SeqChunk
 from hma.config import EngineConfig, ModelConfig
 from hma.cuda_graphs import DecodeGraphs
+from hma.detokenizer import IncrementalDetokenizer
 from hma.errors import InvalidRequestError, RequestTooLargeError
 from hma.kv_cache import KVCache
 from hma.loading import apply_chat_template, load_model, make_kv_cache, resolve_device, resolve_dtype
@@ -181,8 +182,9 @@ class LLMEngine:
         token, num_output = req.output_token_ids[index], index + 1
         req.metrics.first_token_time = req.metrics.first_token_time or now
         params = req.sampling_params
-        if params.stop:
-            text = self.detokenize(req.output_token_ids[:num_output])
+        if params.stop and self.tokenizer is not None:
+            req.detokenizer = req.detokenizer or IncrementalDetokenizer(self.tokenizer)
+            text = req.detokenizer.update(req.output_token_ids[:num_output])
             for stop in params.stop:
                 cut = text.find(stop)
                 if cut >= 0:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from hma.detokenizer import IncrementalDetokenizer
 from hma.sampling import SamplingParams
 
 
@@ -54,6 +55,7 @@ class Request:
     generator: torch.Generator | None = None
     output_token_ids: list[int] = field(default_factory=list)
     output_text: str = ""
+    detokenizer: IncrementalDetokenizer | None = None  # the output's text as it grows (stop strings)
     status: RequestStatus = RequestStatus.WAITING
     block_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None    # "stop" or "length", as in the OpenAI API

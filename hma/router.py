@@ -26,6 +26,7 @@ from hma import api, random_weights
 from hma.async_engine import AsyncEngine
 from hma.checkpoint import load_tokenizer, resolve_model_path
 from hma.config import RouterConfig
+from hma.detokenizer import IncrementalDetokenizer
 from hma.errors import (AuthenticationError, HMAError, InvalidRequestError, NotFoundError, RequestTooLargeError,
                         ServiceUnavailableError)
 from hma.host import fingerprint_of, phase, resolve_secret, wait_for_stop_signal
@@ -185,13 +186,13 @@ class Router:
                       outputs) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(request)
-        sent = ""
+        sent, text_so_far = "", IncrementalDetokenizer(self.tokenizer)
         if parsed.is_chat:
             await response.write(api.sse_event(api.chat_chunk(request_id, self.model_name, self.created,
                                                               {"role": "assistant", "content": ""}, None)))
         try:
             async for out in outputs:
-                text = out.text if out.finished else self._partial_text(out, parsed)
+                text = out.text if out.finished else _held_back(text_so_far.update(out.token_ids), parsed)
                 delta = text[len(sent):]  # text only grows: stop strings are held back until the end
                 sent += delta
                 if delta or out.finished:
@@ -228,13 +229,6 @@ class Router:
             if queued:
                 self.num_queued -= 1
 
-    def _partial_text(self, out, parsed: api.CompletionRequest) -> str:
-        """Text so far, holding back a trailing partial character and anything that could be the
-        start of a stop string (the finished text is cut before the stop string)."""
-        text = self.tokenizer.decode(out.token_ids, skip_special_tokens=True).rstrip("\ufffd")
-        hold = max((len(s) - 1 for s in parsed.stop), default=0)
-        return text[:len(text) - hold] if hold else text
-
     def _chunk(self, parsed: api.CompletionRequest, request_id: str, delta: str, out) -> dict:
         reason = out.finish_reason if out.finished else None
         if parsed.is_chat:
@@ -250,6 +244,13 @@ class Router:
         self.prompt_tokens.inc(len(out.prompt_token_ids))
         self.generation_tokens.inc(len(out.token_ids))
         self.finished.inc(labels={"finished_reason": out.finish_reason or "abort"})
+
+
+def _held_back(text: str, parsed: api.CompletionRequest) -> str:
+    """Streamed text so far, holding back anything that could be the start of a stop string
+    (the finished text is cut before the stop string)."""
+    hold = max((len(s) - 1 for s in parsed.stop), default=0)
+    return text[:len(text) - hold] if hold else text
 
 
 async def serve_router(config: RouterConfig) -> None:

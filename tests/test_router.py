@@ -54,6 +54,18 @@ async def test_completion_of_text_streams_what_it_returns(client):
     assert chunks[-1]["choices"][0]["finish_reason"] == plain["choices"][0]["finish_reason"] == "length"
 
 
+async def test_streamed_text_arrives_token_by_token_and_stops_where_the_plain_text_does(client):
+    body = {"model": "demo", "prompt": "One, two, three, four,", "max_tokens": 16, "temperature": 0}
+    counting = (await (await client.post("/v1/completions", json=body)).json())["choices"][0]["text"]
+    stop = counting.strip().split()[2]  # a word the greedy run produces, a few tokens in
+    body["stop"] = [stop]
+    plain = (await (await client.post("/v1/completions", json=body)).json())["choices"][0]
+    chunks = await _sse(await client.post("/v1/completions", json={**body, "stream": True}))
+    texts = [c["choices"][0]["text"] for c in chunks]
+    assert plain["finish_reason"] == "stop" and stop not in plain["text"] and counting.startswith(plain["text"])
+    assert "".join(texts) == plain["text"] and sum(bool(t) for t in texts) >= 3  # streamed, not held to the end
+
+
 @pytest.mark.parametrize("body, status, param", [
     (b"{not json", 400, None),
     ({"model": "gpt-4", "messages": QUESTION}, 404, "model"),
