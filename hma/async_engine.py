@@ -151,8 +151,7 @@ class AsyncEngine:
         while not self._stop.is_set():
             self._take_commands(block=not self.engine.has_unfinished)
             if self.engine.has_unfinished:
-                for out in self.engine.step():
-                    self._emit(out)
+                self._emit(*self.engine.step())
 
     def _take_commands(self, block: bool) -> None:
         try:
@@ -186,10 +185,21 @@ class AsyncEngine:
         except HMAError as exc:  # refused: the caller gets the error, nothing was queued
             stream.put(exc)
 
-    def _emit(self, out: RequestOutput) -> None:
-        stream = self._streams.get(out.request_id)
-        if stream is None:
-            return  # aborted while the step ran
-        if out.finished:
-            del self._streams[out.request_id]
-        stream.put(out)
+    def _emit(self, *outs: RequestOutput) -> None:
+        """Hands a step's outputs to their streams, waking each event loop once for all of them
+        (a wake-up writes to the loop's self-pipe: about 6 us here, 64 of them a step at batch 64)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[OutputStream, RequestOutput]]] = {}
+        for out in outs:
+            stream = self._streams.get(out.request_id)
+            if stream is None:
+                continue  # aborted while the step ran
+            if out.finished:
+                del self._streams[out.request_id]
+            by_loop.setdefault(stream.loop, []).append((stream, out))
+        for loop, delivered in by_loop.items():
+            loop.call_soon_threadsafe(_deliver, delivered)
+
+
+def _deliver(delivered: list[tuple[OutputStream, RequestOutput]]) -> None:
+    for stream, out in delivered:
+        stream.outputs.put_nowait(out)

@@ -2,6 +2,7 @@ import asyncio
 
 import pytest
 
+from hma import async_engine
 from hma.async_engine import AsyncEngine
 from hma.engine import run_to_completion
 from hma.errors import RequestTooLargeError
@@ -33,6 +34,26 @@ async def test_concurrent_requests_stream_the_same_tokens_as_offline(hf, overlap
     for stream, want in zip(streams, expected):
         assert [len(o.token_ids) for o in stream] == list(range(1, 13))  # one output per step
         assert stream[-1].finished and stream[-1].token_ids == want.token_ids
+
+
+async def test_a_step_wakes_the_event_loop_once_for_all_its_outputs(hf, monkeypatch):
+    loop, wakeups = asyncio.get_running_loop(), []
+    original = loop.call_soon_threadsafe
+
+    def counting(callback, *args, **kwargs):
+        wakeups.append((callback, args))
+        return original(callback, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "call_soon_threadsafe", counting)
+    engine = AsyncEngine(engine_from_hf(hf, num_blocks=64))
+    engine.start()
+    try:
+        streams = await asyncio.gather(*(_collect(engine, p) for p in PROMPTS))
+    finally:
+        engine.stop()
+    deliveries = [len(args[0]) for callback, args in wakeups if callback is async_engine._deliver]
+    assert sum(deliveries) == sum(len(s) for s in streams) == 4 * 12
+    assert len(deliveries) <= 12 + len(PROMPTS)  # one a step (prompts may join a step apart), not one an output
 
 
 @pytest.mark.parametrize("overlap", ["off", "on"])
