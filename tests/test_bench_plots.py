@@ -21,6 +21,18 @@ def test_curves_come_sorted_by_rate_one_per_run_or_deployment():
     assert "B" not in curves  # skipped deployments have nothing to draw
 
 
+def test_two_systems_runs_of_the_same_system_keep_a_curve_each_under_their_labels():
+    def run(rate):
+        probes = [{"rate": rate, "slo_attainment": 0.95}, {"rate": 2 * rate, "slo_attainment": 0.3}]
+        return {"model": "random:qwen3-4b", "systems": [{"label": "one replica", "traces": [
+            {"trace": "azure-conv", "probes": probes}, {"trace": "azure-code", "probes": probes}]}]}
+
+    curves = attainment_curves([run(2.0), run(16.0)], labels=["before", "after"], trace="azure-conv")
+    assert curves == {"before one replica [azure-conv]": [(2.0, 0.95), (4.0, 0.3)],
+                      "after one replica [azure-conv]": [(16.0, 0.95), (32.0, 0.3)]}
+    assert len(attainment_curves([run(2.0), run(16.0)])) == 2  # unlabelled: one curve per system and trace
+
+
 def test_both_pictures_are_written_as_png(tmp_path):
     (tmp_path / "serve.json").write_text(json.dumps(SERVE))
     (tmp_path / "plan.json").write_text(json.dumps(PLAN))

@@ -24,14 +24,16 @@ from hma.bench.goodput import TARGET_ATTAINMENT
 def attainment_curves(results: list[dict], labels: list[str] | None = None,
                       trace: str | None = None) -> dict[str, list[tuple[float, float]]]:
     """label -> (rate, attainment) points sorted by rate, from serve, plan and systems JSON results
-    (systems: a curve per system, of `trace` only if given)."""
+    (systems: a curve per system, of `trace` only if given, named after the file's label if given,
+    else its model)."""
     curves = {}
     for i, result in enumerate(results):
         if "systems" in result:  # bench systems: a curve per system and trace
             for system in result["systems"]:
                 for t in system["traces"]:
                     if t["probes"] and trace in (None, t["trace"]):
-                        label = f"{result['model'].removeprefix('random:')} {system['label']} [{t['trace']}]"
+                        name = labels[i] if labels and i < len(labels) else result['model'].removeprefix('random:')
+                        label = f"{name} {system['label']} [{t['trace']}]"
                         curves[label] = sorted((p["rate"], p["slo_attainment"]) for p in t["probes"])
         elif "rows" in result:  # plan: a curve per deployment
             for row in result["rows"]:
@@ -96,7 +98,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m hma bench plots", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--attainment", type=Path, nargs="*", default=[], help="serve or plan JSON files")
-    parser.add_argument("--labels", default="", help="comma-separated names for the serve files' curves")
+    parser.add_argument("--labels", default="",
+                        help="comma-separated names for the files' curves (systems files: before each system's)")
     parser.add_argument("--title", default="")
     parser.add_argument("--trace", default=None, help="systems files: only this trace's curves")
     parser.add_argument("--timeline", type=Path, default=None,
