@@ -13,8 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-
+from dataclasses import dataclass, field
 
 from hma.errors import HMAError, InvalidRequestError, ProtocolError, describe
 from hma.frame_reader import FrameReader
@@ -53,14 +52,35 @@ class Connection:
     last_frame_bytes: int = 0  # size of the frame recv() returned last, framing included
 
     peer_name: str = ""  # role@host:port, fixed at connect time (the socket forgets it once closed)
+    unsent: list[bytes] = field(default_factory=list)  # small frames queued in this turn of the event loop
 
     def __post_init__(self) -> None:
         host, port = (self.writer.get_extra_info("peername") or ("?", 0))[:2]
         self.peer_name = f"{self.peer.role}@{host}:{port}"
 
     async def send(self, msg: Message) -> None:
-        """Writes one frame, then waits while the peer's buffer is full (back-pressure)."""
-        self.bytes_sent += await _send(self.writer, msg)
+        """Writes one frame, then waits while the peer's buffer is full (back-pressure). Small
+        frames sent in the same turn of the event loop reach the socket in one write at its end:
+        a decode step streams one frame per request, and each write is a system call (about 66 us
+        a send on this project's CPU machine)."""
+        buffers = encode(msg)
+        size = sum(memoryview(b).nbytes for b in buffers)
+        # every write before the first await, so frames of concurrent senders never interleave
+        if size <= SMALL_FRAME_BYTES:
+            if not self.unsent:
+                asyncio.get_running_loop().call_soon(self._flush)
+            self.unsent.append(b"".join(buffers))  # one buffer; the join copies little
+        else:  # one write per buffer: writelines would join them, one more copy of the whole frame
+            self._flush()  # the small frames queued before it go first
+            for buf in buffers:
+                self.writer.write(buf)
+        self.bytes_sent += size
+        await _drain(self.writer)
+
+    def _flush(self) -> None:
+        if self.unsent:
+            self.writer.write(b"".join(self.unsent))
+            self.unsent.clear()
 
     async def send_quietly(self, msg: Message) -> None:
         """Best effort, for aborts and errors: the peer may be gone already (its reader says so)."""
@@ -81,6 +101,7 @@ class Connection:
         self.writer.transport.abort()
 
     async def close(self) -> None:
+        self._flush()
         self.writer.close()
         try:
             await asyncio.wait_for(self.writer.wait_closed(), 1.0)
@@ -102,18 +123,21 @@ async def for_each_message(conn: Connection, handle: Callable[[Message], Awaitab
         log.warning("dropping peer=%s reason=%s", conn.peer_name, describe(exc))
 
 
-async def _send(writer: asyncio.StreamWriter, msg: Message) -> int:
-    """Writes one frame and waits for the peer to take it; returns its size in bytes."""
-    buffers = encode(msg)
-    size = sum(memoryview(b).nbytes for b in buffers)
-    # every write before the first await, so frames of concurrent senders never interleave
-    if size <= SMALL_FRAME_BYTES:
-        writer.write(b"".join(buffers))  # one send; the join copies little
-    else:  # one write per buffer: writelines would join them, one more copy of the whole frame
-        for buf in buffers:
-            writer.write(buf)
-    await asyncio.wait_for(writer.drain(), DRAIN_TIMEOUT_S)
-    return size
+async def _send(writer: asyncio.StreamWriter, msg: Message) -> None:
+    """Writes one frame at once (the handshake's, before there is a Connection)."""
+    writer.write(b"".join(encode(msg)))
+    await _drain(writer)
+
+
+async def _drain(writer: asyncio.StreamWriter) -> None:
+    """Waits while the peer's buffer is full, at most DRAIN_TIMEOUT_S. Below the low-water mark
+    writing is not paused, so drain returns at once (or raises for a lost connection) and needs
+    no timeout, whose task and timer would cost more than the write (one per streamed token)."""
+    transport = writer.transport
+    if transport.get_write_buffer_size() <= transport.get_write_buffer_limits()[0]:
+        await writer.drain()
+    else:
+        await asyncio.wait_for(writer.drain(), DRAIN_TIMEOUT_S)
 
 
 async def _recv(reader: FrameReader) -> tuple[Message, int]:

@@ -44,6 +44,27 @@ async def test_authenticated_peers_exchange_kv_frames_bit_exact():
     assert isinstance(received[2], asyncio.IncompleteReadError)  # clean close ends the loop
 
 
+async def test_small_frames_of_one_event_loop_turn_go_out_in_one_write_and_in_order():
+    received = []
+    server, port = await _server(received)
+    conn = await connect("127.0.0.1", port, make_hello("prefill", "model-a", "fp8", 4), SECRET)
+    writes = []
+    original = conn.writer.write
+    conn.writer.write = lambda data: (writes.append(len(data)), original(data))[1]
+    tokens = [FirstToken(f"r{i}", i) for i in range(10)]
+    await asyncio.gather(*(conn.send(t) for t in tokens))  # ten streams, one step's tokens
+    await asyncio.sleep(0)
+    assert len(writes) == 1  # one system call for all ten frames
+    layer = _kv_layer()
+    await conn.send(FirstToken("before", 1))
+    await conn.send(layer)  # a large frame: what was queued before it goes first
+    await conn.close()
+    await asyncio.sleep(0.2)
+    server.close()
+    assert received[:10] == tokens and received[10] == FirstToken("before", 1)
+    assert torch.equal(received[11].k, layer.k)
+
+
 @pytest.mark.parametrize("secret, fingerprint, role, reason", [
     (b"wrong", "model-a", "prefill", "secret"),
     (SECRET, "model-b", "prefill", "fingerprint"),
