@@ -75,7 +75,8 @@ def served(model: str, host_flags: list[str], requests: list[TraceRequest]) -> d
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (Linux /proc)."""
+    """User + system CPU time of a process so far (Linux /proc, in clock ticks: 10 ms, so a run
+    should stream enough tokens for the router's share to span many ticks)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
