@@ -69,12 +69,14 @@ def gather_kv(cache: LayerKV, block_tables: torch.Tensor, dtype: torch.dtype) ->
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerKV,
-                    batch: Batch, scale: float) -> torch.Tensor:
-    """q: (num_tokens, heads, dim); k, v: (num_tokens, kv_heads, dim). Returns like q."""
+                    batch: Batch, scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """q: (num_tokens, heads, dim); k, v: (num_tokens, kv_heads, dim). Returns like q (out, if
+    given: the piecewise graphs' static buffer)."""
     write_kv(cache, k, v, batch.slot_mapping)
     if batch.num_prefills == 0:
-        return _decode(q, cache, batch.block_tables, batch.seq_lens, scale)
-    out = torch.empty_like(q)
+        decoded = _decode(q, cache, batch.block_tables, batch.seq_lens, scale)
+        return decoded if out is None else out.copy_(decoded)
+    out = torch.empty_like(q) if out is None else out
     num_prefill_tokens = sum(batch.query_lens[:batch.num_prefills])
     start = 0
     for i in range(batch.num_prefills):

@@ -19,6 +19,7 @@ from hma.quant import PREFILL_DTYPES
 # Architectures the hand-written decoder runs; Llama is Qwen3 without QK-norm.
 SUPPORTED_ARCHITECTURES = {"Qwen3ForCausalLM": True, "LlamaForCausalLM": False}
 MODEL_TYPES = {"qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM"}  # when architectures is absent
+PIECEWISE_GRAPH_TOKENS = 2048  # prompt steps up to this many tokens replay piecewise CUDA graphs
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +148,9 @@ class EngineConfig:
         "help": "longest prompt + output (default: the model's max_position_embeddings)"})
     enforce_eager: bool = field(default=False, metadata={
         "help": "never capture CUDA graphs: decode steps launch their kernels one by one"})
+    piecewise_graph_tokens: int = field(default=PIECEWISE_GRAPH_TOKENS, metadata={
+        "help": "steps carrying prompts of up to this many tokens replay CUDA graphs of everything "
+                "but attention (CUDA, unless --enforce-eager); 0: never"})
     async_scheduling: str = field(default="auto", metadata={
         "help": "launch greedy decode step n+1 before reading step n's tokens, so the host's work "
                 "overlaps the GPU: auto (with CUDA graphs) | on (also eager; gains nothing there) | off"})

@@ -38,7 +38,7 @@ class LLMEngine:
     """A model, its paged KV cache and a scheduler, driven one step at a time."""
 
     def __init__(self, model: Qwen3ForCausalLM, kv_cache: KVCache, config: EngineConfig,
-                 tokenizer=None, eos_token_ids: Sequence[int] = ()) -> None:
+                 tokenizer=None, eos_token_ids: Sequence[int] = (), runs_decode: bool = True) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.config = config
@@ -47,7 +47,10 @@ class LLMEngine:
         self.device = next(model.parameters()).device
         self.scheduler = Scheduler(kv_cache.allocator, kv_cache.block_size, config.max_num_seqs,
                                    config.max_num_batched_tokens)
-        use_graphs = self.device.type == "cuda" and not config.enforce_eager
+        on_cuda = self.device.type == "cuda" and not config.enforce_eager
+        if on_cuda:
+            model.use_piecewise_graphs(min(config.piecewise_graph_tokens, config.max_num_batched_tokens))
+        use_graphs = on_cuda and runs_decode  # a prefill host never runs a decode step
         # The graphs keep one block for their padding rows: no request may count on it.
         self.max_model_len = _max_model_len(config, model.config, kv_cache, reserved_blocks=int(use_graphs))
         self._ids = itertools.count()
@@ -56,13 +59,13 @@ class LLMEngine:
         self._inflight: InFlight | None = None
 
     @classmethod
-    def from_config(cls, config: EngineConfig) -> LLMEngine:
+    def from_config(cls, config: EngineConfig, runs_decode: bool = True) -> LLMEngine:
         """Loads checkpoint, tokenizer and weights, then sizes the KV cache from what memory is left."""
         device = resolve_device(config.device)
         dtype = resolve_dtype(config.dtype, device)
         model, tokenizer, eos_ids = load_model(config, device, dtype)
         kv_cache = make_kv_cache(model.config, config, dtype, device)
-        return cls(model, kv_cache, config, tokenizer, eos_ids)
+        return cls(model, kv_cache, config, tokenizer, eos_ids, runs_decode)
 
     def add_request(self, prompt: Prompt, params: SamplingParams,
                     request_id: str | None = None) -> Request:
@@ -286,7 +289,7 @@ def warm_up(engine: LLMEngine) -> None:
     attention at every prompt-length bucket, and every variant of the decode attention kernel
     that eager steps mixing prompts and decodes can launch)."""
     run_to_completion(engine, [[1, 2, 3, 4]], SamplingParams(max_tokens=2, temperature=0.0))
-    warm_up_attention(engine.model, engine.max_model_len)
+    warm_up_prompts(engine.model, engine.max_model_len)
     if engine.device.type == "cuda":
         from hma.kernels import warm_up_decode  # Triton ships with CUDA builds of torch
 
@@ -297,8 +300,9 @@ def warm_up(engine: LLMEngine) -> None:
         log.info("ran decode attention in its %d launch variants in %.1f s", launches, time.perf_counter() - t0)
 
 
-def warm_up_attention(model: Qwen3ForCausalLM, max_len: int) -> None:
-    """Builds prefill attention for every prompt-length bucket up to max_len (CUDA only)."""
+def warm_up_prompts(model: Qwen3ForCausalLM, max_len: int) -> None:
+    """Builds prefill attention for every prompt-length bucket up to max_len and captures the
+    piecewise graphs of every token-count bucket (CUDA only)."""
     t0 = time.perf_counter()
     c, weight = model.config, model.embed_tokens.weight
     built = warm_up_prefill(c.num_attention_heads, c.num_key_value_heads, c.head_dim, max_len,
@@ -306,6 +310,8 @@ def warm_up_attention(model: Qwen3ForCausalLM, max_len: int) -> None:
     if built:
         log.info("ran prefill attention at %d prompt lengths up to %d tokens in %.1f s", built, max_len,
                  time.perf_counter() - t0)
+    if model.piecewise is not None:
+        model.piecewise.capture()
 
 
 def run_to_completion(engine: LLMEngine, prompts: Sequence[Prompt], params: SamplingParams,

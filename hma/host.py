@@ -58,7 +58,7 @@ def phase(name: str) -> Iterator[None]:
 def load_engine(config: EngineConfig, role: str) -> tuple[LLMEngine, Callable[[], Hello]]:
     """The role's engine (weights, KV cache) and the Hello it greets peers with."""
     with phase("load"):
-        engine = LLMEngine.from_config(config)
+        engine = LLMEngine.from_config(config, runs_decode=role != "prefill")
     fingerprint = fingerprint_of(config.model)
     kv, block_size = engine.kv_cache.format.name, engine.kv_cache.block_size
     log.info("role=%s kv_format=%s block_size=%d num_blocks=%d max_model_len=%d", role, kv, block_size,

@@ -13,7 +13,6 @@ never waits. Invariant: a batch's blocks are freed only after every copy out of 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import queue
 import threading
@@ -27,7 +26,7 @@ import torch
 
 from hma.batch import Batch, SeqChunk
 from hma.config import EngineConfig, HostConfig
-from hma.engine import LLMEngine, warm_up_attention
+from hma.engine import LLMEngine, warm_up_prompts
 from hma.errors import HMAError, ProtocolError, describe
 from hma.host import DEFAULT_PORTS, listen_until_stopped, load_engine, phase, resolve_secret
 from hma.kv_cache import KVCache, blocks_for
@@ -293,14 +292,13 @@ def warm_up(server: PrefillServer) -> None:
         prefill_batch(server.model, server.cache, [job], lambda msg: None, server.pipeline)
     finally:
         server.cache.allocator.free(job.block_ids)
-    warm_up_attention(server.model, server.max_model_len)
+    warm_up_prompts(server.model, server.max_model_len)
 
 
 async def serve_prefill(engine_config: EngineConfig, host_config: HostConfig) -> None:
     """The prefill host's main: load, warm up, then serve decode hosts until stopped."""
     secret = resolve_secret(host_config.secret)
-    # A prefill host never runs a decode step: no CUDA graphs (and no block kept for their padding).
-    engine, hello = load_engine(dataclasses.replace(engine_config, enforce_eager=True), "prefill")
+    engine, hello = load_engine(engine_config, "prefill")
     server = PrefillServer(engine, host_config.pipeline)
     with phase("warm-up"):
         warm_up(server)

@@ -123,17 +123,26 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch: Batch,
-                cache: LayerKV) -> torch.Tensor:
-        n = batch.num_prefill_precision_tokens
-        q, k, v = self.qkv_proj(x, n).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)      # (num_tokens, heads, head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)   # (num_tokens, kv_heads, head_dim)
+    def project(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                num_prefill_rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q (num_tokens, heads, head_dim), k and v (num_tokens, kv_heads, head_dim), normed
+        (Qwen3) and rotated: everything before attention reads the cache."""
+        qkv = self.qkv_proj(x, num_prefill_rows)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         q_weight, k_weight = (self.q_norm.weight, self.k_norm.weight) if self.qk_norm else (None, None)
         q, k = norm_and_rotate(q, k, *rope, q_weight, k_weight, self.eps)
-        out = paged_attention(q, k, v, cache, batch, self.head_dim ** -0.5)
-        return self.o_proj(out.reshape(-1, self.q_size), n)
+        return q, k, v
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: Batch, cache: LayerKV,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+        """Writes k, v to the cache and attends: (num_tokens, heads, head_dim), into out if given."""
+        return paged_attention(q, k, v, cache, batch, self.head_dim ** -0.5, out)
+
+    def output(self, attn: torch.Tensor, num_prefill_rows: int) -> torch.Tensor:
+        return self.o_proj(attn.reshape(-1, self.q_size), num_prefill_rows)
 
 
 class MLP(nn.Module):
@@ -164,13 +173,26 @@ class DecoderLayer(nn.Module):
                 batch: Batch, cache: LayerKV) -> tuple[torch.Tensor, torch.Tensor]:
         """x: the last layer's MLP output, not yet added to residual (None: x is the embedding).
         Returns this layer's (MLP output, residual stream before it)."""
+        n = batch.num_prefill_precision_tokens
+        residual, q, k, v = self.before_attention(x, residual, rope, n)
+        return self.after_attention(self.self_attn.attend(q, k, v, batch, cache), residual, n)
+
+    def before_attention(self, x: torch.Tensor, residual: torch.Tensor | None,
+                         rope: tuple[torch.Tensor, torch.Tensor], num_prefill_rows: int
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(residual stream, q, k, v): the part of the layer before it touches the KV cache."""
         if residual is None:
             residual, h = x, self.input_layernorm(x)
         else:
             residual, h = add_rms_norm(x, residual, self.input_layernorm.weight, self.input_layernorm.eps)
+        return residual, *self.self_attn.project(h, rope, num_prefill_rows)
+
+    def after_attention(self, attn: torch.Tensor, residual: torch.Tensor,
+                        num_prefill_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(MLP output, residual stream): the part of the layer after attention."""
         norm = self.post_attention_layernorm
-        residual, h = add_rms_norm(self.self_attn(h, rope, batch, cache), residual, norm.weight, norm.eps)
-        return self.mlp(h, batch.num_prefill_precision_tokens), residual
+        residual, h = add_rms_norm(self.self_attn.output(attn, num_prefill_rows), residual, norm.weight, norm.eps)
+        return self.mlp(h, num_prefill_rows), residual
 
 
 class Qwen3ForCausalLM(nn.Module):
@@ -187,6 +209,7 @@ class Qwen3ForCausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        self.piecewise = None  # PiecewiseGraphs, once use_piecewise_graphs turns them on
 
     @classmethod
     def create(cls, config: ModelConfig, dtype: torch.dtype, device: torch.device | str,
@@ -205,6 +228,8 @@ class Qwen3ForCausalLM(nn.Module):
         """Gives every decoder linear a W8A8 copy for prefill rows ('bf16': none, the float weight
         serves both phases), SmoothQuant-scaled where calibrated input_amax is given. lm_head
         stays in the model's dtype: it runs on one row per sequence."""
+        if self.piecewise is not None:
+            self.piecewise.reset()  # its graphs read the weights they were captured with
         for name, module in self.named_modules():
             if isinstance(module, PhaseLinear):
                 smooth = None
@@ -245,16 +270,35 @@ class Qwen3ForCausalLM(nn.Module):
     def forward(self, batch: Batch, kv_cache: KVCache,
                 on_layer: Callable[[int], None] | None = None) -> torch.Tensor:
         """Returns float32 logits (len(batch.logits_indices), vocab_size). on_layer(i) runs as
-        soon as layer i's KV is in the cache: the prefill host hands it off from there."""
-        x, residual = self.embed_tokens(batch.input_ids), None  # (num_tokens, hidden)
-        rope = self.rope(batch.positions, x.dtype)
+        soon as layer i's KV is in the cache: the prefill host hands it off from there. Batches
+        the piecewise graphs fit (use_piecewise_graphs) replay them instead; same arithmetic."""
+        if self.piecewise is not None and self.piecewise.can_run(batch):
+            return self.piecewise.forward(batch, kv_cache, on_layer)
+        x, rope = self.embed(batch.input_ids, batch.positions)
+        residual = None
         for i, (layer, cache) in enumerate(zip(self.layers, kv_cache.layers)):
             x, residual = layer(x, residual, rope, batch, cache)
             if on_layer is not None:
                 on_layer(i)
-        rows = batch.logits_indices
+        return self.logits(x, residual, batch.logits_indices)
+
+    def embed(self, input_ids: torch.Tensor, positions: torch.Tensor
+              ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """(token embeddings (num_tokens, hidden), RoPE's cos and sin for the positions)."""
+        x = self.embed_tokens(input_ids)
+        return x, self.rope(positions, x.dtype)
+
+    def logits(self, x: torch.Tensor, residual: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """float32 logits of the given rows from the last layer's output and residual stream."""
         _, x = add_rms_norm(x[rows], residual[rows], self.norm.weight, self.norm.eps)
         return self.lm_head(x).float()
+
+    def use_piecewise_graphs(self, max_tokens: int) -> None:
+        """Steps of up to max_tokens tokens (prompts, or prompts mixed with decodes) replay CUDA
+        graphs of everything but attention from here on (hma.piecewise_graphs); 0: never."""
+        from hma.piecewise_graphs import PiecewiseGraphs
+
+        self.piecewise = PiecewiseGraphs(self, max_tokens) if max_tokens > 0 else None
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copies Hugging Face-named tensors in, fusing q/k/v and gate/up; checks none is missing."""

@@ -69,4 +69,6 @@ def test_prefill_rows_time_the_first_prompt_of_each_length_apart():
     model.init_random_()
     rows = bench_prefill(model, ["bf16"], [5, 9], peak=1e12, device=torch.device("cpu"), iters=2)
     assert [r["prompt_len"] for r in rows] == [5, 9]
-    assert all(r["first_s"] > 0 and r["seconds"] > 0 for r in rows)
+    assert all(r["first_s"] > 0 and r["seconds"] > 0 and r["eager_s"] > 0 for r in rows)
+    assert all(r["piecewise_graphs"] for r in rows), "prompts this short run as the hosts run them"
+    assert model.piecewise is None, "the model is handed back as it came"

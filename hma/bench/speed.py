@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from hma.batch import Batch, SeqChunk
-from hma.config import ModelConfig, qwen3_shape
+from hma.config import PIECEWISE_GRAPH_TOKENS, EngineConfig, ModelConfig, qwen3_shape
 from hma.cuda_graphs import DecodeGraphs
 from hma.kv_cache import KVCache, blocks_for, bytes_per_block
 from hma.kv_formats import get_kv_format
@@ -149,7 +149,6 @@ def bench_engine_steps(model: Qwen3ForCausalLM, batch_sizes: list[int], context:
     """Whole engine steps in steady greedy decode (scheduling, inputs, graph replay, tokens read
     back, stop checks), plain and overlapped (async_scheduling off / auto), bf16 KV, prompts of
     `context` tokens: median over iters windows of `steps` steps each, after two windows."""
-    from hma.config import EngineConfig
     from hma.engine import LLMEngine
     from hma.sampling import SamplingParams
 
@@ -197,15 +196,21 @@ def prefill_flops(config: ModelConfig, num_tokens: int) -> float:
 
 def bench_prefill(model: Qwen3ForCausalLM, modes: list[str], lens: list[int], peak: float,
                   device: torch.device, iters: int) -> list[dict]:
-    """One prompt per length and precision, after the serving hosts' warm-up (a tiny prompt,
-    prefill attention at every length bucket); first_s is the first prompt of that length."""
-    from hma.engine import warm_up_attention
+    """One prompt per length and precision as the serving hosts run it (piecewise graphs up to
+    their default token count, after their warm-up: a tiny prompt, prefill attention at every
+    length bucket, graph capture) and fully eager in the same run; first_s is the first prompt of
+    that length after warm-up."""
+    from hma.engine import warm_up_prompts
 
     config = model.config
-    warm_up_attention(model, max(lens))
+    graph_tokens = PIECEWISE_GRAPH_TOKENS
     rows = []
     for mode in modes:
         model.use_prefill_precision(mode)
+        model.use_piecewise_graphs(graph_tokens)
+        t0 = time.perf_counter()
+        warm_up_prompts(model, max(lens))
+        capture_s = time.perf_counter() - t0
         cache = KVCache(config, blocks_for(max(lens), BLOCK_SIZE), BLOCK_SIZE,
                         get_kv_format("bf16" if mode == "bf16" else mode), device)
         model(Batch.build(chunks(1, 4, config.vocab_size), [], BLOCK_SIZE, device), cache)
@@ -213,11 +218,16 @@ def bench_prefill(model: Qwen3ForCausalLM, modes: list[str], lens: list[int], pe
             batch = Batch.build(chunks(1, n, config.vocab_size), [], BLOCK_SIZE, device)
             first = median_seconds(lambda: model(batch, cache), device, iters=1, warmup=0)
             seconds = median_seconds(lambda: model(batch, cache), device, iters)
+            graphs, model.piecewise = model.piecewise, None
+            eager = median_seconds(lambda: model(batch, cache), device, iters)
+            model.piecewise = graphs
             flops = prefill_flops(config, n)
             rows.append({"prefill_dtype": mode, "prompt_len": n, "seconds": seconds, "first_s": first,
+                         "eager_s": eager, "piecewise_graphs": n <= graph_tokens, "warm_up_s": capture_s,
                          "tok_s": n / seconds, "tflop_per_s": flops / seconds / 1e12,
                          "mfu_vs_bf16_peak": flops / seconds / peak})
     model.use_prefill_precision("bf16")
+    model.piecewise = None
     return rows
 
 
@@ -340,12 +350,14 @@ def _print_shape(result: dict) -> None:
         print(f"transformers generate: batch {r['batch_size']}, context {r['context_len']}: "
               f"{r['step_s'] * 1e3:.2f} ms/step, {r['tok_s']:,.1f} tok/s")
     print(f"\n{result['shape']} prefill")
-    print(f"{'dtype':>5} {'tokens':>6} {'ms':>8} {'first ms':>8} {'tok/s':>9} {'TFLOP/s':>8} {'MFU':>5} {'x bf16':>6}")
+    print(f"{'dtype':>5} {'tokens':>6} {'ms':>8} {'first ms':>8} {'tok/s':>9} {'TFLOP/s':>8} {'MFU':>5} {'x bf16':>6}"
+          f" {'eager ms':>8} {'x eager':>7}")
     for r in result["prefill"]:
         base = next(b for b in result["prefill"] if b["prompt_len"] == r["prompt_len"])
+        eager = r.get("eager_s", r["seconds"])  # older JSON measured the eager path only
         print(f"{r['prefill_dtype']:>5} {r['prompt_len']:>6} {r['seconds'] * 1e3:>8.1f} {r['first_s'] * 1e3:>8.1f} "
               f"{r['tok_s']:>9,.0f} {r['tflop_per_s']:>8.0f} {r['mfu_vs_bf16_peak']:>5.0%} "
-              f"{base['seconds'] / r['seconds']:>6.2f}")
+              f"{base['seconds'] / r['seconds']:>6.2f} {eager * 1e3:>8.1f} {eager / r['seconds']:>7.2f}")
 
 
 def markdown_tables(runs: list[dict]) -> str:
