@@ -3,7 +3,7 @@
 import pytest
 
 from hma.bench.hardware import ACCELERATORS
-from hma.bench.plan import H100_CALIBRATION, Plan, build, calibrate, main, num_params
+from hma.bench.plan import H100_CALIBRATION, Plan, build, calibrate, calibrate_steps, main, num_params
 from hma.bench.speed import prefill_flops
 from hma.config import qwen3_shape
 from hma.errors import InvalidRequestError
@@ -28,6 +28,27 @@ def test_calibration_recovers_the_overheads_and_efficiencies_of_a_known_gpu():
     cal = calibrate(_speed_json(0.002, 0.8, 0.02, 0.6), H100)
     assert cal.decode["bf16"] == pytest.approx((0.002, 0.8), rel=1e-6)
     assert cal.prefill["bf16"] == pytest.approx((0.02, 0.6), rel=1e-6)
+
+
+def test_step_calibration_fits_the_engines_prefill_steps_and_the_extra_of_mixed_ones():
+    config = qwen3_shape("qwen3-4b")
+
+    def step(kind, prompts, tokens):
+        seconds = 0.009 + prefill_flops(config, tokens // prompts) * prompts / (H100.bf16_flops * 0.45)
+        return {"kind": kind, "prompts": prompts, "prompt_tokens": tokens, "decodes": int(kind == "mixed"),
+                "seconds": seconds + (0.013 if kind == "mixed" else 0.0)}
+
+    steps = {"model": "random:qwen3-4b", "steps": [step("prefill", 1, n) for n in (100, 900, 3000)]
+             + [step("mixed", 2, 800), step("mixed", 1, 300), {"kind": "decode", "seconds": 0.004}]}
+    cal = calibrate_steps(H100_CALIBRATION, steps, H100)
+    assert cal.engine == pytest.approx((0.009, 0.45, 0.013), rel=1e-6)
+    assert cal.prefill == H100_CALIBRATION.prefill, "prefill hosts keep the bench speed fit"
+    colocated = build(Plan("c", H100, 1), config, cal, LINK)
+    disaggregated = build(Plan("d", H100, 1, H100, 1), config, cal, LINK)
+    assert colocated.mixed_s == pytest.approx(0.013) and disaggregated.mixed_s == 0.0
+    assert colocated.prefill_s([512]) == pytest.approx(0.009 + prefill_flops(config, 512) / (H100.bf16_flops * 0.45))
+    with pytest.raises(InvalidRequestError, match="prefill-only steps"):
+        calibrate_steps(H100_CALIBRATION, {**steps, "steps": steps["steps"][3:]}, H100)
 
 
 def test_qwen3_parameter_counts_match_the_published_sizes():

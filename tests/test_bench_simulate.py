@@ -66,6 +66,15 @@ def test_colocated_prefills_stall_the_running_decodes():
     assert first.chunk_times[3] == second.chunk_times[1] == pytest.approx(0.44)
 
 
+def test_a_colocated_step_that_mixes_prompts_into_decodes_pays_the_mixed_cost_and_others_do_not():
+    requests = [TraceRequest(0.0, 100, 4), TraceRequest(0.21, 100, 2)]
+    deployment = Deployment(num_prefill=0, num_decode=1, prefill_s=PREFILL, decode_s=DECODE, mixed_s=0.03)
+    first, second = simulate(requests, deployment)
+    assert first.ttft == pytest.approx(0.2), "a prompt alone is no mixed step"
+    assert second.ttft == pytest.approx(0.22 + 0.2 + 0.03 - 0.21)
+    assert first.chunk_times[3] - first.chunk_times[2] == pytest.approx(0.02), "decode steps neither"
+
+
 def test_more_prefill_devices_raise_slo_attainment_under_load():
     requests = [TraceRequest(i * 0.05, 400, 4) for i in range(40)]  # one prompt every 50 ms, each 0.5 s
     slo = SLO(ttft_s=1.0, tpot_s=0.1)

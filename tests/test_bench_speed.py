@@ -50,6 +50,9 @@ def test_markdown_tables_show_each_point_its_floor_ratio_and_the_baseline():
     assert "| bf16 | 1,024 | 4.00 (2.00) | does not fit |" in text
     assert "| fp8 | 1,234 (10%) |" in text
     assert "| qwen3-4b | 1 | 40.0 | 4.00 | 10.0 | 2.00 | 20.0 |" in text
+    assert "as served / eager" not in text, "a run without eager timings gets no such table"
+    shape["prefill"][0].update(seconds=0.01, eager_s=0.025)
+    assert "| fp8 | 10.0 / 25.0 (2.50) |" in markdown_tables([{"shapes": [shape]}])
 
 
 def test_engine_steps_are_timed_plain_and_overlapped():

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from hma import random_weights
 from hma.bench.goodput import SLO, attainment, search_goodput
 from hma.bench.hardware import ACCELERATORS, Accelerator
 from hma.bench.simulate import Deployment, simulate
@@ -42,6 +43,9 @@ class Calibration:
 
     decode: dict[str, tuple[float, float]]
     prefill: dict[str, tuple[float, float]]
+    # A colocated engine's own steps (calibrate_steps): (overhead, efficiency) of its bf16 prefill
+    # steps, and the seconds a step that mixes prompts into running decodes takes beyond that.
+    engine: tuple[float, float, float] | None = None
 
 
 # Fitted by `calibrate` to the H100 run in the README (bench speed, 2026-11-23, qwen3-4b and -8b).
@@ -76,6 +80,25 @@ def calibrate(speed: dict, device: Accelerator) -> Calibration:
         overhead, slope = _fit(points)
         prefill[mode] = (overhead, 1 / (slope * device.peak(mode)))
     return Calibration(decode, prefill)
+
+
+def calibrate_steps(cal: Calibration, steps: dict, device: Accelerator) -> Calibration:
+    """cal plus the colocated engine's step costs, from a `bench steps` JSON of a random:SHAPE model
+    measured on `device`: its prefill-only steps give prefill's overhead and efficiency, its mixed
+    steps the median of what they take beyond that (they run eagerly, after reading the decode
+    step launched before them). A step's prompts count as equal parts of its prompt tokens."""
+    config = random_weights.config_of(steps["model"])
+
+    def flops(step: dict) -> float:
+        return step["prompts"] * prefill_flops(config, step["prompt_tokens"] // step["prompts"])
+
+    only = [(flops(s), s["seconds"]) for s in steps["steps"] if s["kind"] == "prefill"]
+    if len(only) < 2:
+        raise InvalidRequestError(f"the bench steps run has {len(only)} prefill-only steps; fitting needs two")
+    overhead, slope = _fit(only)
+    beyond = [s["seconds"] - overhead - slope * flops(s) for s in steps["steps"] if s["kind"] == "mixed"]
+    mixed = float(np.median(beyond)) if beyond else 0.0
+    return Calibration(cal.decode, cal.prefill, (overhead, 1 / (slope * device.peak("bf16")), max(0.0, mixed)))
 
 
 def num_params(config: ModelConfig) -> int:
@@ -123,6 +146,9 @@ def build(plan: Plan, model: ModelConfig, cal: Calibration, link_bytes_per_s: fl
     if plan.prefill and params * (1 if prefill_mode != "bf16" else 2) > plan.prefill.memory_bytes * MEMORY_USABLE:
         return f"{prefill_mode} weights do not fit a {plan.prefill.name}"
     p_over, p_eff = cal.prefill[prefill_mode]
+    mixed = 0.0
+    if plan.prefill is None and cal.engine is not None:  # colocated: the engine's own step costs
+        p_over, p_eff, mixed = cal.engine
     d_over, d_eff = cal.decode[plan.kv_dtype]
     weight_read = decode_weights - (0 if model.tie_word_embeddings else 2 * model.vocab_size * model.hidden_size)
 
@@ -136,7 +162,8 @@ def build(plan: Plan, model: ModelConfig, cal: Calibration, link_bytes_per_s: fl
         return kv_per_token * prompt_len / link_bytes_per_s if plan.prefill else 0.0
 
     return Deployment(num_prefill=plan.num_prefill if plan.prefill else 0, num_decode=plan.num_decode,
-                      prefill_s=prefill_s, decode_s=decode_s, transfer_s=transfer_s, pipelined=plan.pipeline,
+                      prefill_s=prefill_s, decode_s=decode_s, transfer_s=transfer_s, mixed_s=mixed,
+                      pipelined=plan.pipeline,
                       num_layers=model.num_hidden_layers, kv_capacity_tokens=int(kv_room // kv_per_token))
 
 

@@ -14,7 +14,8 @@ The model of the system, kept as small as the real one:
 - colocated: requests go to the replica with the fewest requests; as the engine does, a replica's
   step takes the waiting prompts that fit the token budget (less one token per running request)
   together with one token for every running request; it costs the prefill plus the decodes' KV
-  reads (the weights are read once), and every token in it comes out at its end.
+  reads (the weights are read once) and mixed_s (measured: such engine steps cost more than
+  the two parts), and every token in it comes out at its end.
 - a decode step advances every running request by one token; requests join between steps.
 """
 
@@ -39,6 +40,7 @@ class Deployment:
     prefill_s: Callable[[list[int]], float]            # prompt lengths of a batch -> seconds
     decode_s: Callable[[list[int]], float]             # context lengths of the running batch -> seconds
     transfer_s: Callable[[int], float] = lambda prompt_len: 0.0  # one prompt's KV over the link, alone
+    mixed_s: float = 0.0  # colocated: more seconds for a step that carries prompts and decodes together
     pipelined: bool = True
     num_layers: int = 1
     max_batch_tokens: int = 8192
@@ -181,7 +183,7 @@ class Simulation:
         if prompts:
             seconds = self.d.prefill_s([q.prompt_len for q, *_ in prompts])
             if contexts:
-                seconds += self.d.decode_s(contexts) - self.d.decode_s([])
+                seconds += self.d.decode_s(contexts) - self.d.decode_s([]) + self.d.mixed_s
         else:
             seconds = self.d.decode_s(contexts)
         dec.stepping = True

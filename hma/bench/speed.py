@@ -412,6 +412,20 @@ def _prefill_table(shape: dict) -> list[str]:
         cells = {r["prompt_len"]: f"{r['tok_s']:,.0f} ({r['mfu_vs_bf16_peak']:.0%})"
                  for r in shape["prefill"] if r["prefill_dtype"] == mode}
         lines.append(f"| {mode} | " + " | ".join(cells.get(n, "") for n in lens) + " |")
+    return lines + [""] + _eager_prefill_table(shape, lens)
+
+
+def _eager_prefill_table(shape: dict, lens: list[int]) -> list[str]:
+    """ms as served (piecewise graphs where they apply) against fully eager, from the same run."""
+    rows = [r for r in shape["prefill"] if "eager_s" in r]
+    if not rows:
+        return []
+    lines = [f"Prefill, {shape['shape']}: ms as served / eager (x faster)", "",
+             "| prefill | " + " | ".join(f"{n:,} tokens" for n in lens) + " |", "|---|" + "---:|" * len(lens)]
+    for mode in dict.fromkeys(r["prefill_dtype"] for r in rows):
+        cells = {r["prompt_len"]: f"{r['seconds'] * 1e3:.1f} / {r['eager_s'] * 1e3:.1f} ({r['eager_s'] / r['seconds']:.2f})"
+                 for r in rows if r["prefill_dtype"] == mode}
+        lines.append(f"| {mode} | " + " | ".join(cells.get(n, "") for n in lens) + " |")
     return lines + [""]
 
 
