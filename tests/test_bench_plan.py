@@ -1,9 +1,11 @@
 """The cost planner's pieces: calibration, the cost model built from a plan, the hardware table."""
 
+import json
+
 import pytest
 
 from hma.bench.hardware import ACCELERATORS
-from hma.bench.plan import H100_CALIBRATION, Plan, build, calibrate, calibrate_steps, main, num_params
+from hma.bench.plan import H100_CALIBRATION, Plan, build, calibrate, calibrate_steps, main, merge_speed_runs, num_params
 from hma.bench.speed import prefill_flops
 from hma.config import qwen3_shape
 from hma.errors import InvalidRequestError
@@ -40,7 +42,7 @@ def test_step_calibration_fits_the_engines_prefill_steps_and_the_extra_of_mixed_
 
     steps = {"model": "random:qwen3-4b", "steps": [step("prefill", 1, n) for n in (100, 900, 3000)]
              + [step("mixed", 2, 800), step("mixed", 1, 300), {"kind": "decode", "seconds": 0.004}]}
-    cal = calibrate_steps(H100_CALIBRATION, steps, H100)
+    cal = calibrate_steps(H100_CALIBRATION, [steps], H100)
     assert cal.engine == pytest.approx((0.009, 0.45, 0.013), rel=1e-6)
     assert cal.prefill == H100_CALIBRATION.prefill, "prefill hosts keep the bench speed fit"
     colocated = build(Plan("c", H100, 1), config, cal, LINK)
@@ -48,7 +50,9 @@ def test_step_calibration_fits_the_engines_prefill_steps_and_the_extra_of_mixed_
     assert colocated.mixed_s == pytest.approx(0.013) and disaggregated.mixed_s == 0.0
     assert colocated.prefill_s([512]) == pytest.approx(0.009 + prefill_flops(config, 512) / (H100.bf16_flops * 0.45))
     with pytest.raises(InvalidRequestError, match="prefill-only steps"):
-        calibrate_steps(H100_CALIBRATION, {**steps, "steps": steps["steps"][3:]}, H100)
+        calibrate_steps(H100_CALIBRATION, [{**steps, "steps": steps["steps"][3:]}], H100)
+    with pytest.raises(InvalidRequestError, match="one model"):
+        calibrate_steps(H100_CALIBRATION, [steps, {**steps, "model": "random:qwen3-8b"}], H100)
 
 
 def test_qwen3_parameter_counts_match_the_published_sizes():
@@ -92,6 +96,29 @@ def test_every_card_names_its_sources_and_gives_dense_rates_or_none():
         assert card.dollars_per_hour is None or card.dollars_per_hour > 0
     assert ACCELERATORS["L40S"].fp8_flops == 733e12  # dense, not the 1,466 with 2:4 sparsity
 
+
+
+def test_merged_runs_take_each_point_from_the_last_run_that_measured_it():
+    full = _speed_json(0.002, 0.8, 0.02, 0.6)
+    rerun = _speed_json(0.002, 0.8, 0.004, 0.7)
+    rerun["shapes"][0]["decode"] = rerun["shapes"][0]["decode"][:1]  # one decode point, every prefill one
+    merged = merge_speed_runs([full, rerun])
+    (shape,) = merged["shapes"]
+    assert len(shape["decode"]) == 4 and shape["decode"][0] is rerun["shapes"][0]["decode"][0]
+    assert shape["prefill"] == rerun["shapes"][0]["prefill"]
+    assert calibrate(merged, H100).prefill["bf16"] == pytest.approx((0.004, 0.7), rel=1e-6)
+
+
+def test_the_planner_calibrates_against_the_card_the_runs_measured(tmp_path):
+    path = tmp_path / "speed.json"
+    path.write_text(json.dumps(_speed_json(0.002, 0.8, 0.02, 0.6)))  # made with the H100's datasheet
+    args = ["--model", "qwen3-4b", "--num-prompts", "20", "--search-iters", "2", "--calibration", str(path)]
+    on_h100 = main(args)["calibration"]
+    on_h200 = main(args + ["--calibration-card", "H200"])["calibration"]
+    assert on_h100["decode"]["bf16"] == pytest.approx((0.002, 0.8), rel=1e-6)
+    # the same times on a card with more bandwidth are a smaller share of it
+    ratio = ACCELERATORS["H100"].bandwidth / ACCELERATORS["H200"].bandwidth
+    assert on_h200["decode"]["bf16"][1] == pytest.approx(0.8 * ratio, rel=1e-6)
 
 
 def test_calibration_refuses_a_run_with_a_cut_layer_count():

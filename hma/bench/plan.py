@@ -63,6 +63,22 @@ def _fit(points: list[tuple[float, float]]) -> tuple[float, float]:
     return float(intercept), float(slope)
 
 
+def merge_speed_runs(runs: list[dict]) -> dict:
+    """One bench speed result from several: each (shape, point) from the last run that has it, so
+    a short rerun of some points (say, prefill only) replaces those points of a full run."""
+    shapes: dict[str, dict] = {}
+    for run in runs:
+        for shape in run["shapes"]:
+            merged = shapes.setdefault(shape["shape"], {"shape": shape["shape"], "decode": {}, "prefill": {}})
+            for r in shape["decode"]:
+                merged["decode"][r["kv_dtype"], r["context_len"], r["batch_size"]] = r
+            for r in shape["prefill"]:
+                merged["prefill"][r["prefill_dtype"], r["prompt_len"]] = r
+    return {"shapes": [{**s, "decode": list(s["decode"].values()), "prefill": list(s["prefill"].values())}
+                       for s in shapes.values()],
+            "num_layers": next((r["num_layers"] for r in runs if r.get("num_layers")), None)}
+
+
 def calibrate(speed: dict, device: Accelerator) -> Calibration:
     """Overheads and efficiencies from a `bench speed` JSON measured on `device`."""
     if speed.get("num_layers"):
@@ -82,21 +98,25 @@ def calibrate(speed: dict, device: Accelerator) -> Calibration:
     return Calibration(decode, prefill)
 
 
-def calibrate_steps(cal: Calibration, steps: dict, device: Accelerator) -> Calibration:
-    """cal plus the colocated engine's step costs, from a `bench steps` JSON of a random:SHAPE model
-    measured on `device`: its prefill-only steps give prefill's overhead and efficiency, its mixed
-    steps the median of what they take beyond that (they run eagerly, after reading the decode
-    step launched before them). A step's prompts count as equal parts of its prompt tokens."""
-    config = random_weights.config_of(steps["model"])
+def calibrate_steps(cal: Calibration, runs: list[dict], device: Accelerator) -> Calibration:
+    """cal plus the colocated engine's step costs, from `bench steps` JSONs of one random:SHAPE
+    model measured on `device`: their prefill-only steps give prefill's overhead and efficiency,
+    their mixed steps the median of what they take beyond that (they run eagerly, after reading
+    the decode step launched before them). A step's prompts count as equal parts of its tokens."""
+    models = {r["model"] for r in runs}
+    if len(models) != 1:
+        raise InvalidRequestError(f"step calibration takes runs of one model, got {sorted(models)}")
+    config = random_weights.config_of(models.pop())
+    steps = [s for r in runs for s in r["steps"]]
 
     def flops(step: dict) -> float:
         return step["prompts"] * prefill_flops(config, step["prompt_tokens"] // step["prompts"])
 
-    only = [(flops(s), s["seconds"]) for s in steps["steps"] if s["kind"] == "prefill"]
+    only = [(flops(s), s["seconds"]) for s in steps if s["kind"] == "prefill"]
     if len(only) < 2:
         raise InvalidRequestError(f"the bench steps run has {len(only)} prefill-only steps; fitting needs two")
     overhead, slope = _fit(only)
-    beyond = [s["seconds"] - overhead - slope * flops(s) for s in steps["steps"] if s["kind"] == "mixed"]
+    beyond = [s["seconds"] - overhead - slope * flops(s) for s in steps if s["kind"] == "mixed"]
     mixed = float(np.median(beyond)) if beyond else 0.0
     return Calibration(cal.decode, cal.prefill, (overhead, 1 / (slope * device.peak("bf16")), max(0.0, mixed)))
 
@@ -145,6 +165,8 @@ def build(plan: Plan, model: ModelConfig, cal: Calibration, link_bytes_per_s: fl
         return f"{prefill_card.name} has no {prefill_mode} rate to plan with"
     if plan.prefill and params * (1 if prefill_mode != "bf16" else 2) > plan.prefill.memory_bytes * MEMORY_USABLE:
         return f"{prefill_mode} weights do not fit a {plan.prefill.name}"
+    if prefill_mode not in cal.prefill or plan.kv_dtype not in cal.decode:
+        return f"the calibration has no {prefill_mode} prefill or no {plan.kv_dtype} KV decode"
     p_over, p_eff = cal.prefill[prefill_mode]
     mixed = 0.0
     if plan.prefill is None and cal.engine is not None:  # colocated: the engine's own step costs
@@ -204,7 +226,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--slo-ttft-ms", type=float, default=250.0)
     parser.add_argument("--slo-tpot-ms", type=float, default=100.0)
     parser.add_argument("--link-gbps", type=float, default=100.0, help="prefill -> decode link, Gbit/s")
-    parser.add_argument("--calibration", type=Path, default=None, help="a bench speed JSON from an H100")
+    parser.add_argument("--calibration", type=Path, nargs="+", default=None,
+                        help="bench speed JSONs measured on --calibration-card (later files' points replace "
+                             "earlier ones')")
+    parser.add_argument("--calibration-card", default="H100", choices=sorted(ACCELERATORS),
+                        help="the GPU the calibration runs measured")
+    parser.add_argument("--step-calibration", type=Path, nargs="+", default=None,
+                        help="bench steps JSONs from --calibration-card: colocated plans take the engine's own "
+                             "prefill and mixed-step costs from them")
     parser.add_argument("--8bit-as-fast-as-bf16", dest="fast_8bit", action="store_true",
                         help="what if: 8-bit prefill and KV reached bf16's measured efficiency and overhead")
     parser.add_argument("--search-rates", default="0.1,200")
@@ -213,11 +242,15 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     model = qwen3_shape(args.model)
-    h100 = ACCELERATORS["H100"]
-    cal = calibrate(json.loads(args.calibration.read_text()), h100) if args.calibration else H100_CALIBRATION
+    card = ACCELERATORS[args.calibration_card]
+    cal = H100_CALIBRATION
+    if args.calibration:
+        cal = calibrate(merge_speed_runs([json.loads(p.read_text()) for p in args.calibration]), card)
+    if args.step_calibration:
+        cal = calibrate_steps(cal, [json.loads(p.read_text()) for p in args.step_calibration], card)
     if args.fast_8bit:
         cal = Calibration({kv: cal.decode["bf16"] for kv in cal.decode},
-                          {mode: cal.prefill["bf16"] for mode in cal.prefill})
+                          {mode: cal.prefill["bf16"] for mode in cal.prefill}, cal.engine)
     requests, num_clipped = clip(read_trace(trace_path(args.trace))[:args.num_prompts], args.max_prompt_len,
                                  args.max_output_len)
     slo = SLO(args.slo_ttft_ms / 1e3, args.slo_tpot_ms / 1e3)
@@ -242,7 +275,10 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{plan.label:<58} {price} {goodput:>13.2f} {dollars}")
     result = {"model": args.model, "trace": args.trace, "num_prompts": len(requests), "num_clipped": num_clipped,
               "slo": {"ttft_ms": args.slo_ttft_ms, "tpot_ms": args.slo_tpot_ms}, "link_gbps": args.link_gbps,
-              "calibration": {"decode": cal.decode, "prefill": cal.prefill}, "fast_8bit": args.fast_8bit,
+              "calibration": {"decode": cal.decode, "prefill": cal.prefill, "engine": cal.engine,
+                              "files": [str(p) for p in (args.calibration or []) + (args.step_calibration or [])],
+                              "card": args.calibration_card},
+              "fast_8bit": args.fast_8bit,
               "date": time.strftime("%Y-%m-%d"),
               "rows": rows}
     if args.json:

@@ -36,7 +36,8 @@ from hma import random_weights
 from hma.bench.goodput import TARGET_ATTAINMENT, SLO, attainment, search_goodput_from, summarize
 from hma.bench.hardware import ACCELERATORS
 from hma.bench.link import measure as measure_link
-from hma.bench.plan import H100_CALIBRATION, Calibration, Plan, build, calibrate, calibrate_steps, simulated_goodput
+from hma.bench.plan import (H100_CALIBRATION, Calibration, Plan, build, calibrate, calibrate_steps, merge_speed_runs,
+                            simulated_goodput)
 from hma.bench.serve import replay
 from hma.bench.traces import TraceRequest, clip, read_trace, scale_to_rate, trace_path
 from hma.launch import LocalCluster, post_json, process_name
@@ -295,21 +296,19 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--calibration", type=Path, nargs="+", default=None,
                         help="predict with step costs fitted to these bench speed JSONs (measured on --card's "
                              "kind of GPU; with --table: predict saved runs again)")
-    parser.add_argument("--step-calibration", type=Path, default=None,
-                        help="a bench steps JSON (same GPU kind): colocated replicas get the engine's own "
-                             "prefill and mixed-step costs from it")
+    parser.add_argument("--step-calibration", type=Path, nargs="+", default=None,
+                        help="bench steps JSONs (same GPU kind and model): colocated replicas get the engine's "
+                             "own prefill and mixed-step costs from them")
     args = parser.parse_args(argv)
     if bool(args.slo_ttft_ms) != bool(args.slo_tpot_ms):
         parser.error("give both --slo-ttft-ms and --slo-tpot-ms, or neither")
     calibration = None
     if args.calibration:
-        runs = [json.loads(p.read_text()) for p in args.calibration]
-        merged = {"shapes": [s for r in runs for s in r["shapes"]],
-                  "num_layers": next((r["num_layers"] for r in runs if r.get("num_layers")), None)}
+        merged = merge_speed_runs([json.loads(p.read_text()) for p in args.calibration])
         calibration = calibrate(merged, ACCELERATORS[args.card])  # refuses cut-layer runs
     if args.step_calibration:
-        calibration = calibrate_steps(calibration or H100_CALIBRATION, json.loads(args.step_calibration.read_text()),
-                                      ACCELERATORS[args.card])
+        calibration = calibrate_steps(calibration or H100_CALIBRATION,
+                                      [json.loads(p.read_text()) for p in args.step_calibration], ACCELERATORS[args.card])
     if args.table is not None:
         print(table([json.loads(p.read_text()) for p in args.table], calibration))
         return None
@@ -321,7 +320,7 @@ def main(argv: list[str] | None = None) -> dict | None:
               "card": args.card, "link": link, "link_gbps": args.link_gbps, "window_s": args.window_s,
               "min_requests": args.min_requests,
               "calibration": [str(p) for p in args.calibration or []],
-              "step_calibration": str(args.step_calibration) if args.step_calibration else None,
+              "step_calibration": [str(p) for p in args.step_calibration or []],
               "num_prompts": args.num_prompts,
               "max_prompt_len": args.max_prompt_len, "max_output_len": args.max_output_len, "systems": []}
     for name in args.systems.split(","):
