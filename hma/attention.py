@@ -70,12 +70,14 @@ def gather_kv(cache: LayerKV, block_tables: torch.Tensor, dtype: torch.dtype) ->
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerKV,
                     batch: Batch, scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
-    """q: (num_tokens, heads, dim); k, v: (num_tokens, kv_heads, dim). Returns like q (out, if
-    given: the piecewise graphs' static buffer)."""
-    write_kv(cache, k, v, batch.slot_mapping)
+    """q: (rows, heads, dim); k, v: (rows, kv_heads, dim), the batch's tokens first: rows past
+    them (the piecewise graphs' fixed buffers) are padding that fresh prompts may attend over
+    instead of a padded copy, and come back unset. Returns like q (into out, if given)."""
+    n = batch.slot_mapping.shape[0]
+    write_kv(cache, k[:n], v[:n], batch.slot_mapping)
     if batch.num_prefills == 0:
-        decoded = _decode(q, cache, batch.block_tables, batch.seq_lens, scale)
-        return decoded if out is None else out.copy_(decoded)
+        decoded = _decode(q[:n], cache, batch.block_tables, batch.seq_lens, scale)
+        return decoded if out is None else out[:n].copy_(decoded)
     out = torch.empty_like(q) if out is None else out
     num_prefill_tokens = sum(batch.query_lens[:batch.num_prefills])
     start = 0
@@ -83,15 +85,15 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: La
         end = start + batch.query_lens[i]
         if batch.seq_lens_host[i] == batch.query_lens[i]:
             # Nothing cached before this prompt: attend to its fresh K/V (flash-attention eligible).
-            out[start:end] = causal_attention(q[start:end], k[start:end], v[start:end], scale)
+            out[start:end] = causal_attention(q[start:], k[start:], v[start:], scale, length=end - start)
         else:
             out[start:end] = _prefill_one(q[start:end], cache, batch.block_tables[i],
                                           batch.seq_lens_host[i], scale)
         start = end
     if batch.num_seqs > batch.num_prefills:
         tables = batch.block_tables[batch.num_prefills:]
-        out[num_prefill_tokens:] = _decode(q[num_prefill_tokens:], cache, tables,
-                                           batch.seq_lens[batch.num_prefills:], scale)
+        out[num_prefill_tokens:n] = _decode(q[num_prefill_tokens:n], cache, tables,
+                                            batch.seq_lens[batch.num_prefills:], scale)
     return out
 
 
@@ -104,16 +106,18 @@ def prefill_bucket(num_tokens: int) -> int:
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                     bucket: bool | None = None) -> torch.Tensor:
-    """One prompt attending causally to itself, (tokens, heads, dim). On CUDA (or if bucket) it
-    runs padded to prefill_bucket(tokens): PyTorch's cuDNN attention builds a graph for every
-    new shape (~60 ms on an H200, once per shape), and in serving nearly every prompt length is
-    new. Padding at the end is exact under the causal mask: no real query sees a later key."""
-    n = q.shape[0]
+                     bucket: bool | None = None, length: int | None = None) -> torch.Tensor:
+    """One prompt attending causally to itself: its first `length` rows (default: all) of q, k, v
+    (rows, heads, dim). On CUDA (or if bucket) it runs padded to prefill_bucket(length): PyTorch's
+    cuDNN attention builds a graph for every new shape (~60 ms on an H200, once per shape), and in
+    serving nearly every prompt length is new. Padding at the end is exact under the causal mask:
+    no real query sees a later key, so rows the caller holds past `length` serve as the padding
+    as they are, and only when there are too few is a padded copy made."""
+    n = q.shape[0] if length is None else length
     padded = prefill_bucket(n) if (q.is_cuda if bucket is None else bucket) else n
-    if padded == n:
-        return _sdpa(q, k, v, scale)
-    q, k, v = (F.pad(t, (0, 0, 0, 0, 0, padded - n)) for t in (q, k, v))
+    if q.shape[0] >= padded:
+        return _sdpa(q[:padded], k[:padded], v[:padded], scale)[:n]
+    q, k, v = (F.pad(t[:n], (0, 0, 0, 0, 0, padded - n)) for t in (q, k, v))
     return _sdpa(q, k, v, scale)[:n]
 
 

@@ -104,7 +104,8 @@ class PiecewiseGraphs:
         for i, (layer, cache) in enumerate(zip(self.model.layers, kv_cache.layers)):
             before, after = layer_pieces[2 * i:2 * i + 2]
             before()
-            layer.self_attn.attend(self.q[:n], self.k[:n], self.v[:n], batch, cache, out=self.attn[:n])
+            # the bucket's rows, not just the batch's: its padding rows pad the prompts' attention
+            layer.self_attn.attend(self.q[:size], self.k[:size], self.v[:size], batch, cache, out=self.attn[:size])
             after()
             if on_layer is not None:
                 on_layer(i)

@@ -249,10 +249,12 @@ class Qwen3ForCausalLM(nn.Module):
 
         hooks = [m.register_forward_hook(functools.partial(record, n))
                  for n, m in self.named_modules() if isinstance(m, PhaseLinear)]
+        piecewise, self.piecewise = self.piecewise, None  # a graph replay would call no hook
         try:
             blocks = list(range(kv_cache.num_blocks))
             self(Batch.build([SeqChunk(token_ids, 0, blocks)], [], kv_cache.block_size, kv_cache.device), kv_cache)
         finally:
+            self.piecewise = piecewise
             for hook in hooks:
                 hook.remove()
         return amax

@@ -70,6 +70,18 @@ def test_padding_a_prompt_to_its_bucket_leaves_its_attention_unchanged(device):
     torch.testing.assert_close(padded, plain, atol=1e-5 if device == "cpu" else 1e-2, rtol=1e-4 if device == "cpu" else 1e-2)
 
 
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_rows_past_a_prompt_pad_its_attention_as_zeros_would(device):
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(400, n, HEAD_DIM, generator=gen).to(device, dtype) for n in (HEADS, KV_HEADS, KV_HEADS))
+    # 300 real rows, then another prompt's (or a stale buffer's) rows up to and past the 384 bucket
+    held = causal_attention(q, k, v, 0.125, bucket=True, length=300)
+    copied = causal_attention(q[:300], k[:300], v[:300], 0.125, bucket=True)
+    assert held.shape == (300, HEADS, HEAD_DIM)
+    torch.testing.assert_close(held, copied, atol=1e-6 if device == "cpu" else 1e-3, rtol=1e-5 if device == "cpu" else 1e-3)
+
+
 def test_prefill_warm_up_runs_nothing_off_cuda():
     assert warm_up_prefill(HEADS, KV_HEADS, HEAD_DIM, 4096, torch.float32, torch.device("cpu")) == 0
 

@@ -127,3 +127,29 @@ def test_gpu_quantized_prefill_through_graphs_matches_eager(mode):
     graphs = model(batch, _cache(model, "cuda", mode))
     assert isinstance(model.piecewise.pieces[32][0].__self__, torch.cuda.CUDAGraph)
     torch.testing.assert_close(graphs, eager, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
+def test_a_prefill_hosts_batch_hands_off_the_same_kv_and_first_tokens_through_the_pieces(device):
+    from hma.prefill import PrefillJob, prefill_batch
+    from hma.sampling import SamplingParams
+
+    model = hma_model_from_hf(tiny_hf_model(), device)
+
+    def run():
+        cache = _cache(model, device)
+        jobs = [PrefillJob("a", list(range(50, 70)), SamplingParams(max_tokens=1, temperature=0.0), [0, 1, 2, 3, 4]),
+                PrefillJob("b", list(range(9, 16)), SamplingParams(max_tokens=1, temperature=0.0), [5, 6])]
+        messages = []
+        prefill_batch(model, cache, jobs, messages.append)
+        return [m for m in messages if m.TYPE == "KVLayer"], [m.token_id for m in messages if m.TYPE == "FirstToken"]
+
+    eager_layers, eager_tokens = run()
+    model.use_piecewise_graphs(64)
+    graph_layers, graph_tokens = run()
+    assert model.piecewise.pieces, "the prefill ran through the graphs"
+    assert graph_tokens == eager_tokens
+    assert [(m.request_id, m.layer) for m in graph_layers] == [(m.request_id, m.layer) for m in eager_layers]
+    for a, b in zip(eager_layers, graph_layers):
+        torch.testing.assert_close(b.k, a.k, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(b.v, a.v, rtol=1e-5, atol=1e-5)
