@@ -49,6 +49,10 @@ def test_step_calibration_fits_the_engines_prefill_steps_and_the_extra_of_mixed_
     disaggregated = build(Plan("d", H100, 1, H100, 1), config, cal, LINK)
     assert colocated.mixed_s == pytest.approx(0.013) and disaggregated.mixed_s == 0.0
     assert colocated.prefill_s([512]) == pytest.approx(0.009 + prefill_flops(config, 512) / (H100.bf16_flops * 0.45))
+    # per-prompt lengths, where a run has them, count each prompt's own attention
+    uneven = {**steps, "steps": [{**x, "prompt_lens": [700, 100]} if x.get("prompts") == 2 else x
+                                 for x in steps["steps"]]}
+    assert calibrate_steps(H100_CALIBRATION, [uneven], H100).engine[2] < cal.engine[2]
     with pytest.raises(InvalidRequestError, match="prefill-only steps"):
         calibrate_steps(H100_CALIBRATION, [{**steps, "steps": steps["steps"][3:]}], H100)
     with pytest.raises(InvalidRequestError, match="one model"):

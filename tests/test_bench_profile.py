@@ -39,6 +39,15 @@ def test_a_prefill_profile_on_the_cpu_has_host_ops_and_no_kernels():
     assert len(out["top_host_ops"]) == 5 and any(op["name"].startswith("aten::") for op in out["top_host_ops"])
 
 
+def test_a_prefill_profile_through_the_piecewise_pieces_hands_the_model_back_without_them():
+    model = Qwen3ForCausalLM.create(ModelConfig(**SHAPE), torch.float32, "cpu")
+    model.init_random_()
+    out = profile_prefill(model, 20, torch.device("cpu"), top=5, piecewise=True)
+    assert out["piecewise"] and out["host_issue_s"] > 0
+    assert any(op["name"].startswith("aten::") for op in out["top_host_ops"])
+    assert model.piecewise is None
+
+
 def test_the_profile_refuses_to_run_without_a_gpu():
     with pytest.raises(SystemExit, match="needs --device cuda"):
         main(["--device", "cpu"])

@@ -15,6 +15,7 @@ def test_replay_keeps_every_step_with_what_it_ran_and_each_requests_ttft():
     steps, ttfts = replay(engine, requests)
     assert len(ttfts) == 3 and all(t > 0 for t in ttfts)
     assert sum(s["prompts"] for s in steps) == 3 and sum(s["prompt_tokens"] for s in steps) == 17
+    assert all(sum(s["prompt_lens"]) == s["prompt_tokens"] and len(s["prompt_lens"]) == s["prompts"] for s in steps)
     assert {s["kind"] for s in steps} <= {"prefill", "mixed", "decode", "read"} and "decode" in {s["kind"] for s in steps}
     # every output token but each request's first comes from a decode row: 2 + 3 + 0
     assert sum(s["decodes"] for s in steps) == 5

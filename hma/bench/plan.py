@@ -102,7 +102,8 @@ def calibrate_steps(cal: Calibration, runs: list[dict], device: Accelerator) -> 
     """cal plus the colocated engine's step costs, from `bench steps` JSONs of one random:SHAPE
     model measured on `device`: their prefill-only steps give prefill's overhead and efficiency,
     their mixed steps the median of what they take beyond that (they run eagerly, after reading
-    the decode step launched before them). A step's prompts count as equal parts of its tokens."""
+    the decode step launched before them). Runs that predate per-prompt lengths count a step's
+    prompts as equal parts of its tokens."""
     models = {r["model"] for r in runs}
     if len(models) != 1:
         raise InvalidRequestError(f"step calibration takes runs of one model, got {sorted(models)}")
@@ -110,7 +111,8 @@ def calibrate_steps(cal: Calibration, runs: list[dict], device: Accelerator) -> 
     steps = [s for r in runs for s in r["steps"]]
 
     def flops(step: dict) -> float:
-        return step["prompts"] * prefill_flops(config, step["prompt_tokens"] // step["prompts"])
+        lens = step.get("prompt_lens") or [step["prompt_tokens"] // step["prompts"]] * step["prompts"]
+        return sum(prefill_flops(config, n) for n in lens)
 
     only = [(flops(s), s["seconds"]) for s in steps if s["kind"] == "prefill"]
     if len(only) < 2:

@@ -6,7 +6,8 @@ Decode (CUDA only): kernels a step launches, the GPU time they take, each kernel
 time per step, and the matrix products' share: their time against the bytes of weights a step
 reads, as bandwidth. Prefill: the host's time to issue one forward, the time until the GPU is
 done, the GPU's busy time (the sum of its kernels), how many kernels, and the host operations
-that took longest. Five profiled runs after three warm ones; per-step figures are their mean.
+that took longest (`--piecewise`: through the piecewise graphs, as the hosts run it). Five
+profiled runs after three warm ones; per-step figures are their mean.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from hma.batch import Batch
 from hma.bench.speed import BLOCK_SIZE, chunks, machine_name, weight_bytes
-from hma.config import qwen3_shape
+from hma.config import PIECEWISE_GRAPH_TOKENS, qwen3_shape
 from hma.cuda_graphs import DecodeGraphs
 from hma.kv_cache import KVCache, blocks_for
 from hma.kv_formats import get_kv_format
@@ -72,8 +73,21 @@ def profile_decode(model: Qwen3ForCausalLM, batch_size: int, context: int, devic
             "kernels": kernels}
 
 
-def profile_prefill(model: Qwen3ForCausalLM, prompt_len: int, device: torch.device, top: int = 12) -> dict:
-    """One prefill of prompt_len tokens: host issue time, time to done, GPU busy time, top host ops."""
+def profile_prefill(model: Qwen3ForCausalLM, prompt_len: int, device: torch.device, top: int = 12,
+                    piecewise: bool = False) -> dict:
+    """One prefill of prompt_len tokens: host issue time, time to done, GPU busy time, top host ops;
+    with piecewise, through the piecewise graphs as the hosts run it (captured first)."""
+    config = model.config
+    if piecewise:
+        model.use_piecewise_graphs(PIECEWISE_GRAPH_TOKENS)
+        model.piecewise.capture()
+    try:
+        return _profile_prefill(model, prompt_len, device, top) | {"piecewise": piecewise}
+    finally:
+        model.piecewise = None
+
+
+def _profile_prefill(model: Qwen3ForCausalLM, prompt_len: int, device: torch.device, top: int) -> dict:
     config = model.config
     cache = KVCache(config, blocks_for(prompt_len, BLOCK_SIZE), BLOCK_SIZE, get_kv_format("bf16"), device)
     batch = Batch.build(chunks(1, prompt_len, config.vocab_size), [], BLOCK_SIZE, device)
@@ -109,6 +123,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--prompt-len", type=int, default=512)
     parser.add_argument("--prefill-dtype", default="bf16", help="bf16 | fp8 | int8")
     parser.add_argument("--top", type=int, default=12, help="kernels and host operations listed")
+    parser.add_argument("--piecewise", action="store_true",
+                        help="profile the prefill through the piecewise graphs, as the hosts run it")
     parser.add_argument("--device", default=None)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -120,7 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
     model.init_random_()
     decode = [profile_decode(model, int(b), args.context, device) for b in args.batch_sizes.split(",")]
     model.use_prefill_precision(args.prefill_dtype)
-    prefill = profile_prefill(model, args.prompt_len, device, args.top)
+    prefill = profile_prefill(model, args.prompt_len, device, args.top, args.piecewise)
     out = {"machine": machine_name(device), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
            "shape": args.shape, "prefill_dtype": args.prefill_dtype, "decode": decode, "prefill": prefill}
     _print(out, args.top)
@@ -140,7 +156,7 @@ def _print(out: dict, top: int) -> None:
         for k in d["kernels"][:top]:
             print(f"  {k['us']:8.1f} us  {k['count']:5.0f} x  {k['kernel'][:90]}")
     p = out["prefill"]
-    print(f"\nprefill of {p['prompt_len']} tokens ({out['prefill_dtype']}): host issues it in {p['host_issue_s'] * 1e3:.1f} ms, "
+    print(f"\nprefill of {p['prompt_len']} tokens ({out['prefill_dtype']}{', piecewise graphs' if p.get('piecewise') else ''}): host issues it in {p['host_issue_s'] * 1e3:.1f} ms, "
           f"done in {p['done_s'] * 1e3:.1f} ms; GPU busy {p['gpu_busy_s'] * 1e3:.1f} ms over {p['kernels']} kernels")
     for op in p["top_host_ops"]:
         print(f"  {op['self_cpu_us'] / 1e3:8.2f} ms  {op['calls']:5d} x  {op['name'][:90]}")

@@ -43,8 +43,9 @@ def record_plans(engine: LLMEngine) -> list[dict]:
 
     def recorded() -> SchedulerOutput:
         plan = schedule()
-        plans.append({"kind": _kind(plan), "prompts": len(plan.prefills),
-                      "prompt_tokens": sum(r.num_tokens for r in plan.prefills), "decodes": len(plan.decodes)})
+        lens = [r.num_tokens for r in plan.prefills]
+        plans.append({"kind": _kind(plan), "prompts": len(lens), "prompt_tokens": sum(lens), "prompt_lens": lens,
+                      "decodes": len(plan.decodes)})
         return plan
 
     engine.scheduler.schedule = recorded  # the engine calls it once at the start of each step
