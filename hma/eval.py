@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from hma.batch import Batch, SeqChunk
+from hma.bench import write_json
 from hma.config import EngineConfig
 from hma.engine import LLMEngine, run_to_completion
 from hma.loading import (apply_chat_template, load_model, resolve_device, resolve_dtype, resolve_kv_format,
@@ -235,9 +236,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     summary = {"model": args.model, "device": str(device), "date": time.strftime("%Y-%m-%d"),
                "settings": {k: v for k, v in vars(args).items() if k not in ("json", "data_dir")},
                "reference": {"prefill_dtype": REFERENCE[0], "kv_dtype": REFERENCE[1]}, "rows": rows}
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(summary))
+    write_json(args.json, summary, indent=None)
     print(markdown_table(rows))
     return rows
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 
 from hma import kernels
 from hma.attention import write_kv
+from hma.bench import write_json
 from hma.bench.speed import copy_bytes_per_s, machine_name, median_seconds
 from hma.kernels import DecodeConfig
 from hma.kv_cache import LayerKV
@@ -128,9 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
            "batch_size": args.batch_size, "context": args.context, "copy_bytes_per_s": copy,
            "rows": rows, "fastest": best}
     _print(out)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=2))
+    write_json(args.json, out)
     return out
 
 

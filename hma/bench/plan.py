@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from hma import random_weights
+from hma.bench import write_json
 from hma.bench.goodput import SLO, attainment, search_goodput
 from hma.bench.hardware import ACCELERATORS, Accelerator
 from hma.bench.simulate import Deployment, simulate
@@ -283,7 +284,5 @@ def main(argv: list[str] | None = None) -> dict:
               "fast_8bit": args.fast_8bit,
               "date": time.strftime("%Y-%m-%d"),
               "rows": rows}
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2))
+    write_json(args.json, result)
     return result

@@ -10,13 +10,13 @@ and the wire carries for every token of every layer.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import torch
 
 from hma.batch import Batch
+from hma.bench import write_json
 from hma.bench.speed import BLOCK_SIZE, chunks, machine_name, median_seconds
 from hma.config import QWEN3_SHAPES, qwen3_shape
 from hma.kv_cache import KVCache, blocks_for
@@ -61,9 +61,7 @@ def main(argv: list[str] | None = None) -> dict:
               "kv_dtype": args.kv_dtype, "iters": args.iters, "torch": torch.__version__,
               "date": time.strftime("%Y-%m-%d"), "prefill": rows, "kv_bytes_per_token": kv}
     print(f"machine: {result['machine']}, {args.shape}, medians of {args.iters} runs")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2))
+    write_json(args.json, result)
     return result
 
 

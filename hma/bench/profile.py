@@ -13,7 +13,6 @@ profiled runs after three warm ones; per-step figures are their mean.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from hma.batch import Batch
+from hma.bench import write_json
 from hma.bench.speed import BLOCK_SIZE, chunks, machine_name, weight_bytes
 from hma.config import PIECEWISE_GRAPH_TOKENS, qwen3_shape
 from hma.cuda_graphs import DecodeGraphs
@@ -140,9 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = {"machine": machine_name(device), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
            "shape": args.shape, "prefill_dtype": args.prefill_dtype, "decode": decode, "prefill": prefill}
     _print(out, args.top)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=1))
+    write_json(args.json, out, indent=1)
     return out
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import aiohttp
 from tqdm import tqdm
 
+from hma.bench import write_json
 from hma.bench.goodput import TARGET_ATTAINMENT, SLO, RequestRecord, search_goodput, summarize
 from hma.bench.traces import (TRACE_DIR, TraceRequest, clip, poisson_arrivals, read_trace, scale_to_rate,
                               trace_path)
@@ -193,9 +194,7 @@ async def _run(args: argparse.Namespace, slo: SLO | None) -> dict:
     if args.goodput_search:
         result["goodput_search"] = await _search(args, slo, url, model, requests)
     _print(result)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2))
+    write_json(args.json, result)
     return result
 
 

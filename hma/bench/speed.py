@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from hma.batch import Batch, SeqChunk
+from hma.bench import write_json
 from hma.config import PIECEWISE_GRAPH_TOKENS, EngineConfig, ModelConfig, qwen3_shape
 from hma.cuda_graphs import DecodeGraphs
 from hma.kv_cache import KVCache, blocks_for, bytes_per_block
@@ -319,9 +320,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = {"machine": machine_name(device), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
            "iters": args.iters, "num_layers": args.num_layers, "peaks": peaks, "shapes": shapes}
     print(f"machine: {out['machine']}, torch {torch.__version__}, medians of {args.iters} runs")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=2))
+    write_json(args.json, out)
     return out
 
 

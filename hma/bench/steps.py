@@ -13,13 +13,13 @@ JSON keeps every step and each request's TTFT.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
+from hma.bench import write_json
 from hma.bench.goodput import percentile
 from hma.bench.speed import machine_name
 from hma.bench.traces import clip, read_trace, scale_to_rate, trace_path
@@ -127,7 +127,5 @@ def main(argv: list[str] | None = None) -> dict:
     out = {"machine": machine_name(engine.device), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
            "model": args.model, "trace": args.trace, "rate": args.rate, "warm_up_s": warm_up_s,
            "summary": summary, "ttft_s": ttfts, "steps": steps}
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=1))
+    write_json(args.json, out, indent=1)
     return out

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import json
 import os
 import random
 import shlex
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from hma.bench import write_json
 from hma.bench.serve import prompt_ids, replay
 from hma.bench.speed import machine_name
 from hma.bench.traces import TraceRequest
@@ -104,9 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
            "output_len": args.output_len, "host_flags": args.host_flags, "engine_alone": alone,
            "served": through, "served_over_alone": through["tok_s"] / alone["tok_s"]}
     _print(out)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=1))
+    write_json(args.json, out, indent=1)
     return out
 
 

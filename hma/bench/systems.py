@@ -33,6 +33,7 @@ from pathlib import Path
 import aiohttp
 
 from hma import random_weights
+from hma.bench import write_json
 from hma.bench.goodput import TARGET_ATTAINMENT, SLO, attainment, search_goodput_from, summarize
 from hma.bench.hardware import ACCELERATORS
 from hma.bench.link import measure as measure_link
@@ -182,10 +183,10 @@ def run_system(name: str, args: argparse.Namespace, result: dict, out_of_time: f
                                         args, out_of_time))
             entry["traces"].append({"trace": trace, "slo": {"ttft_ms": slo.ttft_s * 1e3, "tpot_ms": slo.tpot_s * 1e3},
                                     "num_clipped": num_clipped, "predicted_goodput": guess, **found})
-            save(result, args.json)
+            write_json(args.json, result)
         if args.timeline and not system.colocated:
             entry["timeline"] = one_timeline(cluster.url, args.model, args.timeline)
-            save(result, args.json)
+            write_json(args.json, result)
 
 
 def one_timeline(url: str, model: str, prompt_len: int) -> dict:
@@ -198,12 +199,6 @@ def one_timeline(url: str, model: str, prompt_len: int) -> dict:
         return {"error": body}
     with urllib.request.urlopen(f"{url}/debug/timeline/{body['id']}") as response:
         return json.loads(response.read())
-
-
-def save(result: dict, path: Path | None) -> None:
-    if path:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2))
 
 
 def machine() -> str:

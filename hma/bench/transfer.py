@@ -10,12 +10,12 @@ thread), and a naive synchronous per-layer copy. Also checks the delivered bytes
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 
 from hma.batch import Batch
+from hma.bench import write_json
 from hma.bench.speed import BLOCK_SIZE, chunks, machine_name, median_seconds
 from hma.config import QWEN3_SHAPES, qwen3_shape
 from hma.kv_cache import KVCache, blocks_for
@@ -61,9 +61,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"| {r['kv_format']} | {r['kv_mb']:,.0f} | {r['forward_s'] * 1e3:.1f} | {r['pipelined_s'] * 1e3:.1f} "
               f"({r['pipelined_s'] / r['forward_s']:.2f}x) | {r['sync_s'] * 1e3:.1f} ({r['sync_s'] / r['forward_s']:.2f}x) "
               f"| {r['bytes_equal']} |")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1))
+    write_json(args.json, result, indent=1)
     return result
 
 
