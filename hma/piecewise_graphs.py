@@ -5,8 +5,9 @@ per layer a dozen launches from Python, each costing the host more than its kern
 GPU. Attention is the one part whose work follows the sequences (their lengths, what is already
 cached) rather than the number of tokens, so, as vLLM's piecewise graphs do, each layer is
 captured as two graphs at a padded token count: the part before attention (norm, QKV, QK-norm,
-RoPE) and the part after it (output projection, norm, MLP). Attention runs eagerly between them
-on the real rows only, and writes the K/V to the cache as always.
+RoPE) and the part after it (output projection, norm, MLP). Attention runs eagerly between them,
+writes the batch's K/V to the cache as always, and uses the bucket's rows past a prompt as the
+padding its attention runs at (exact under the causal mask) instead of a padded copy.
 
 In: any Batch of up to max_tokens tokens (prompts, or prompts and decodes). Out: the logits
 model.forward gives. Fixed buffers carry the hidden state, residual stream, q/k/v and attention

@@ -8,8 +8,9 @@ Weights load from Hugging Face names; q/k/v and gate/up are fused on load into o
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -249,12 +250,11 @@ class Qwen3ForCausalLM(nn.Module):
 
         hooks = [m.register_forward_hook(functools.partial(record, n))
                  for n, m in self.named_modules() if isinstance(m, PhaseLinear)]
-        piecewise, self.piecewise = self.piecewise, None  # a graph replay would call no hook
         try:
             blocks = list(range(kv_cache.num_blocks))
-            self(Batch.build([SeqChunk(token_ids, 0, blocks)], [], kv_cache.block_size, kv_cache.device), kv_cache)
+            with self.eagerly():  # a graph replay would call no hook
+                self(Batch.build([SeqChunk(token_ids, 0, blocks)], [], kv_cache.block_size, kv_cache.device), kv_cache)
         finally:
-            self.piecewise = piecewise
             for hook in hooks:
                 hook.remove()
         return amax
@@ -294,6 +294,15 @@ class Qwen3ForCausalLM(nn.Module):
         """float32 logits of the given rows from the last layer's output and residual stream."""
         _, x = add_rms_norm(x[rows], residual[rows], self.norm.weight, self.norm.eps)
         return self.lm_head(x).float()
+
+    @contextlib.contextmanager
+    def eagerly(self) -> Iterator[None]:
+        """Inside the block forward runs eagerly; the piecewise graphs, if any, come back after."""
+        piecewise, self.piecewise = self.piecewise, None
+        try:
+            yield
+        finally:
+            self.piecewise = piecewise
 
     def use_piecewise_graphs(self, max_tokens: int) -> None:
         """Steps of up to max_tokens tokens (prompts, or prompts mixed with decodes) replay CUDA

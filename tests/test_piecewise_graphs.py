@@ -84,6 +84,15 @@ def test_stale_rows_from_a_longer_batch_do_not_reach_a_shorter_one():
     torch.testing.assert_close(graphs, model(short, _cache(model, "cpu")), rtol=1e-5, atol=1e-5)
 
 
+def test_inside_eagerly_no_piece_runs_and_the_graphs_come_back_after():
+    model = hma_model_from_hf(tiny_hf_model())
+    model.use_piecewise_graphs(64)
+    graphs = model.piecewise
+    with model.eagerly():
+        model(_mixed_batch("cpu"), _cache(model, "cpu"))
+    assert model.piecewise is graphs and not graphs.pieces
+
+
 def test_batches_past_the_limit_run_eagerly():
     model = hma_model_from_hf(tiny_hf_model())
     model.use_piecewise_graphs(16)

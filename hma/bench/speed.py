@@ -219,9 +219,8 @@ def bench_prefill(model: Qwen3ForCausalLM, modes: list[str], lens: list[int], pe
             batch = Batch.build(chunks(1, n, config.vocab_size), [], BLOCK_SIZE, device)
             first = median_seconds(lambda: model(batch, cache), device, iters=1, warmup=0)
             seconds = median_seconds(lambda: model(batch, cache), device, iters)
-            graphs, model.piecewise = model.piecewise, None
-            eager = median_seconds(lambda: model(batch, cache), device, iters)
-            model.piecewise = graphs
+            with model.eagerly():
+                eager = median_seconds(lambda: model(batch, cache), device, iters)
             flops = prefill_flops(config, n)
             rows.append({"prefill_dtype": mode, "prompt_len": n, "seconds": seconds, "first_s": first,
                          "eager_s": eager, "piecewise_graphs": n <= graph_tokens, "warm_up_s": capture_s,
