@@ -5,7 +5,8 @@ import json
 import pytest
 
 from hma.bench.hardware import ACCELERATORS
-from hma.bench.plan import H100_CALIBRATION, Plan, build, calibrate, calibrate_steps, main, merge_speed_runs, num_params
+from hma.bench.plan import (H100_CALIBRATION, Calibration, Plan, build, calibrate, calibrate_steps, main,
+                            merge_speed_runs, num_params)
 from hma.bench.speed import prefill_flops
 from hma.config import qwen3_shape
 from hma.errors import InvalidRequestError
@@ -80,6 +81,22 @@ def test_a_plans_transfer_is_its_kv_bytes_over_the_link_and_colocated_moves_none
     assert colocated.transfer_s(2048) == 0.0
     # a decode step reads every weight once plus the running tokens' KV
     assert colocated.decode_s([1000, 3000]) > colocated.decode_s([1000])
+
+
+def test_a_plan_that_dequantizes_on_arrival_sends_fp8_kv_but_decodes_and_holds_bf16():
+    model = qwen3_shape("qwen3-8b")
+
+    def pair(wire, cache=None, cal=H100_CALIBRATION):
+        return build(Plan("p", H100, 1, H100, 1, "fp8", wire, decode_kv_dtype=cache), model, cal, LINK)
+
+    fp8, bf16, on_arrival, same = pair("fp8"), pair("bf16"), pair("fp8", "bf16"), pair("fp8", "fp8")
+    assert on_arrival.transfer_s(2048) == fp8.transfer_s(2048) < bf16.transfer_s(2048)
+    assert on_arrival.decode_s([1000, 3000]) == bf16.decode_s([1000, 3000]) != fp8.decode_s([1000, 3000])
+    assert on_arrival.kv_capacity_tokens == bf16.kv_capacity_tokens < fp8.kv_capacity_tokens
+    assert (same.transfer_s(2048), same.decode_s([1000]), same.kv_capacity_tokens) == (
+        fp8.transfer_s(2048), fp8.decode_s([1000]), fp8.kv_capacity_tokens), "naming the wire's format changes nothing"
+    fp8_only = Calibration({"fp8": H100_CALIBRATION.decode["fp8"]}, H100_CALIBRATION.prefill)
+    assert "no bf16 KV decode" in pair("fp8", "bf16", fp8_only), "the decode format needs its calibration"
 
 
 def test_faster_8bit_calibration_raises_the_planned_goodput(capsys):

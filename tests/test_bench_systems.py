@@ -1,14 +1,18 @@
 """bench systems: the deployments it starts, the probes it sends, the table it prints, and a short
 real run of the colocated baseline on this CPU (two replicas of the demo model behind the router)."""
 
+import argparse
 import json
 from pathlib import Path
 
 import pytest
 
+from hma.bench import systems
 from hma.bench.link import measure as measure_link
-from hma.bench.systems import SYSTEMS, main, probe_requests, table
+from hma.bench.plan import default_plans
+from hma.bench.systems import ABLATIONS, SYSTEMS, main, probe_requests, table
 from hma.bench.traces import TraceRequest
+from hma.config import EngineConfig, HostConfig, add_flags, from_flags
 
 
 def test_each_system_starts_the_hosts_and_flags_it_names():
@@ -23,6 +27,56 @@ def test_each_system_starts_the_hosts_and_flags_it_names():
     one = SYSTEMS["colocated-1"]
     assert one.cluster("demo", []).num_decode == 1 and one.cluster("demo", []).gpus == {"decode": "0"}
     assert one.plan("H200").num_decode == 1 and one.num_gpus == 1 and SYSTEMS["colocated"].num_gpus == 2
+
+
+def _host_settings(flags: list[str]) -> tuple[EngineConfig, HostConfig]:
+    """What a prefill or decode host started with these flags runs with."""
+    parser = argparse.ArgumentParser()
+    add_flags(parser, EngineConfig)
+    add_flags(parser, HostConfig)
+    args = parser.parse_args(flags)
+    return from_flags(args, EngineConfig), from_flags(args, HostConfig)
+
+
+@pytest.mark.parametrize(("name", "prefill_dtype", "wire", "cache", "pipeline"), [
+    ("hma", "fp8", "fp8", "fp8", True),  # (c) itself: each ablation below differs from it in one place
+    ("hma-bf16-prefill", "bf16", "fp8", "fp8", True),
+    ("hma-bf16-kv", "fp8", "bf16", "bf16", True),
+    ("hma-no-pipeline", "fp8", "fp8", "fp8", False),
+    ("hma-dequant-on-arrival", "fp8", "fp8", "bf16", True)])
+def test_each_ablation_starts_and_plans_hma_with_one_technique_off(name, prefill_dtype, wire, cache, pipeline):
+    system = SYSTEMS[name]
+    cluster = system.cluster("random:qwen3-4b", ["--max-model-len", "512"])
+    prefill, prefill_host = _host_settings(cluster.prefill_flags)
+    decode, _ = _host_settings(cluster.decode_flags)
+    assert (prefill.prefill_dtype, prefill.kv_dtype, prefill_host.pipeline) == (prefill_dtype, wire, pipeline)
+    assert decode.kv_dtype == cache and decode.max_model_len == prefill.max_model_len == 512
+    assert not cluster.colocated and cluster.gpus == {"prefill": "0", "decode": "1"}
+    plan = system.plan("H200")
+    assert (plan.prefill_dtype, plan.kv_dtype, plan.pipeline, plan.decode_kv_dtype or plan.kv_dtype) == (
+        prefill_dtype, wire, pipeline, cache)
+
+
+def test_the_planner_lists_the_disaggregated_pairs_bench_systems_runs():
+    def settings(plan):
+        return plan.prefill_dtype, plan.kv_dtype, plan.pipeline, plan.decode_kv_dtype or plan.kv_dtype
+
+    pairs = {settings(p) for p in default_plans() if p.prefill is p.decode}  # H100 + H100
+    assert pairs == {settings(SYSTEMS[n].plan("H100")) for n in ("disagg-bf16", "hma", *ABLATIONS)}
+
+
+def test_ablations_run_only_when_named(monkeypatch, capsys):
+    ran = []
+    monkeypatch.setattr(systems, "measure_link", lambda sizes: [{"gbytes_per_s": 1.0}])
+    monkeypatch.setattr(systems, "run_system", lambda name, *args: ran.append(name))
+    main([])
+    assert ran == ["colocated", "colocated-1", "disagg-bf16", "hma"]
+    ran.clear()
+    main(["--systems", "hma,ablations"])
+    assert ran == ["hma", *ABLATIONS] and len(ABLATIONS) == 4
+    with pytest.raises(SystemExit):
+        main(["--systems", "hma,hma-fp4"])
+    assert "no system hma-fp4" in capsys.readouterr().err and len(ran) == 5
 
 
 def test_a_probe_spans_the_window_at_its_rate():
@@ -48,6 +102,17 @@ def test_the_table_shows_brackets_planner_error_and_ratios():
     assert "| 8.00 (fails at 11.30) | 4.00 | 10.00 | +25% |" in text
     assert "| < 0.50 |" in text and ">= 1.00 (cut short)" in text
     assert "m, t: (c) / (a) = 0.00x" in text
+
+
+def test_the_table_gives_what_each_ablated_technique_is_worth_to_hma():
+    result = {"model": "m", "systems": [
+        {"system": "hma", "traces": [_trace("t", 3.0, [(3, 0.95)], 3.0)]},
+        {"system": "hma-no-pipeline", "traces": [_trace("t", 2.0, [(2, 0.95)], 2.0)]},
+        {"system": "hma-dequant-on-arrival", "traces": [_trace("t", 4.0, [(4, 0.95)], 4.0)]}]}
+    text = table([result])
+    assert "| (c-3) HMA without the pipeline (--no-pipeline) | >= 2.00 |" in text
+    assert "m, t: (c) / (c-3) = 1.50x" in text and "m, t: (c) / (c-4) = 0.75x" in text
+    assert "(c-1)" not in text, "an ablation that did not run has no ratio"
 
 
 def test_the_loopback_link_is_measured_through_the_transport():

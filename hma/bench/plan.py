@@ -141,8 +141,9 @@ class Plan:
     prefill: Accelerator | None = None  # None: colocated replicas on the decode cards
     num_prefill: int = 0
     prefill_dtype: str = "bf16"
-    kv_dtype: str = "bf16"
+    kv_dtype: str = "bf16"  # on the wire, and in the decode cache unless decode_kv_dtype says otherwise
     pipeline: bool = True
+    decode_kv_dtype: str | None = None  # the decode cache's, transcoded on arrival (None: kv_dtype)
 
     @property
     def dollars_per_hour(self) -> float | None:
@@ -152,11 +153,17 @@ class Plan:
         return sum(card.dollars_per_hour * n for card, n in prices)
 
 
+def _kv_bytes_per_token(model: ModelConfig, kv_dtype: str) -> int:
+    """Bytes of K and V, every layer, of one token in a KV format (payload and scales)."""
+    return 2 * model.num_hidden_layers * get_kv_format(kv_dtype).bytes_per_token(model.num_key_value_heads,
+                                                                                  model.head_dim)
+
+
 def build(plan: Plan, model: ModelConfig, cal: Calibration, link_bytes_per_s: float) -> Deployment | str:
     """The simulator's Deployment for a plan, or why it cannot run (does not fit, no such unit)."""
     params = num_params(model)
-    kv_per_token = 2 * model.num_hidden_layers * get_kv_format(plan.kv_dtype).bytes_per_token(
-        model.num_key_value_heads, model.head_dim)
+    decode_kv = plan.decode_kv_dtype or plan.kv_dtype
+    wire_per_token, kv_per_token = (_kv_bytes_per_token(model, kv) for kv in (plan.kv_dtype, decode_kv))
     decode_weights = 2 * params  # decode keeps bf16 weights
     kv_room = plan.decode.memory_bytes * MEMORY_USABLE - decode_weights
     if kv_room <= 0:
@@ -168,13 +175,13 @@ def build(plan: Plan, model: ModelConfig, cal: Calibration, link_bytes_per_s: fl
         return f"{prefill_card.name} has no {prefill_mode} rate to plan with"
     if plan.prefill and params * (1 if prefill_mode != "bf16" else 2) > plan.prefill.memory_bytes * MEMORY_USABLE:
         return f"{prefill_mode} weights do not fit a {plan.prefill.name}"
-    if prefill_mode not in cal.prefill or plan.kv_dtype not in cal.decode:
-        return f"the calibration has no {prefill_mode} prefill or no {plan.kv_dtype} KV decode"
+    if prefill_mode not in cal.prefill or decode_kv not in cal.decode:
+        return f"the calibration has no {prefill_mode} prefill or no {decode_kv} KV decode"
     p_over, p_eff = cal.prefill[prefill_mode]
     mixed = 0.0
     if plan.prefill is None and cal.engine is not None:  # colocated: the engine's own step costs
         p_over, p_eff, mixed = cal.engine
-    d_over, d_eff = cal.decode[plan.kv_dtype]
+    d_over, d_eff = cal.decode[decode_kv]
     weight_read = decode_weights - (0 if model.tie_word_embeddings else 2 * model.vocab_size * model.hidden_size)
 
     def prefill_s(lens: list[int]) -> float:
@@ -184,7 +191,7 @@ def build(plan: Plan, model: ModelConfig, cal: Calibration, link_bytes_per_s: fl
         return d_over + (weight_read + kv_per_token * sum(contexts)) / (plan.decode.bandwidth * d_eff)
 
     def transfer_s(prompt_len: int) -> float:
-        return kv_per_token * prompt_len / link_bytes_per_s if plan.prefill else 0.0
+        return wire_per_token * prompt_len / link_bytes_per_s if plan.prefill else 0.0
 
     return Deployment(num_prefill=plan.num_prefill if plan.prefill else 0, num_decode=plan.num_decode,
                       prefill_s=prefill_s, decode_s=decode_s, transfer_s=transfer_s, mixed_s=mixed,
@@ -204,11 +211,17 @@ def simulated_goodput(requests: list[TraceRequest], deployment: Deployment, slo:
 
 
 def default_plans() -> list[Plan]:
-    """Homogeneous baselines and HMA pairs: GDDR prefill cards with an H100 decoding."""
+    """Homogeneous baselines, HMA on two H100s with each technique off in turn (as bench systems'
+    ablations), and HMA pairs: GDDR prefill cards with an H100 decoding."""
     h100 = ACCELERATORS["H100"]
     plans = [Plan("H100 x2, colocated (bf16)", h100, 2),
              Plan("H100 + H100, disaggregated bf16, no pipeline", h100, 1, h100, 1, "bf16", "bf16", False),
-             Plan("H100 + H100, HMA (fp8 prefill, fp8 KV, pipeline)", h100, 1, h100, 1, "fp8", "fp8")]
+             Plan("H100 + H100, HMA (fp8 prefill, fp8 KV, pipeline)", h100, 1, h100, 1, "fp8", "fp8"),
+             Plan("H100 + H100, HMA without fp8 prefill (bf16 prefill)", h100, 1, h100, 1, "bf16", "fp8"),
+             Plan("H100 + H100, HMA without fp8 KV (bf16 KV)", h100, 1, h100, 1, "fp8", "bf16"),
+             Plan("H100 + H100, HMA without the pipeline", h100, 1, h100, 1, "fp8", "fp8", False),
+             Plan("H100 + H100, HMA without deferred dequantization", h100, 1, h100, 1, "fp8", "fp8",
+                  decode_kv_dtype="bf16")]
     for name in ("L40S", "RTX4090", "Blackhole", "A10", "L20"):
         card = ACCELERATORS[name]
         mode = "fp8" if card.fp8_flops else "int8"

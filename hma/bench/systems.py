@@ -7,6 +7,11 @@ router's OpenAI API is what the load generator (bench serve's replay) drives:
   colocated-1  (a1) one such replica on one GPU (a check of the planner where only one GPU is lent)
   disagg-bf16  (b) prefill host on GPU 0, decode host on GPU 1: bf16 prefill, bf16 KV, no pipeline
   hma          (c) the same two hosts: fp8 prefill, fp8 KV, per-layer pipeline, deferred dequantization
+and (c) with one technique off in turn, run only when named (`--systems ablations` names them all):
+  hma-bf16-prefill        (c-1) bf16 prefill
+  hma-bf16-kv             (c-2) bf16 KV, on the wire and in the decode cache
+  hma-no-pipeline         (c-3) --no-pipeline: a layer's KV leaves only once the whole prefill is done
+  hma-dequant-on-arrival  (c-4) fp8 KV on the wire, transcoded into a bf16 decode cache as it lands
 Per system and trace, goodput (DistServe: the highest rate at which 90% of requests meet both
 SLOs) is searched from the cost planner's prediction for that deployment (whose prefill -> decode
 link is the loopback transport, measured first as `bench link` does): the rate doubles or halves
@@ -56,6 +61,7 @@ class System:
     colocated: bool
     prefill_flags: tuple[str, ...] = ()
     kv_dtype: str = "bf16"
+    decode_kv_dtype: str | None = None  # the decode host's cache, if not kv_dtype (it transcodes on arrival)
     replicas: int = 2  # colocated only
 
     @property
@@ -64,12 +70,13 @@ class System:
 
     def cluster(self, model: str, common: list[str]) -> LocalCluster:
         kv = ["--kv-dtype", self.kv_dtype]
+        decode_kv = ["--kv-dtype", self.decode_kv_dtype or self.kv_dtype]
         if self.colocated:
             gpus = {process_name("decode", i): str(i) for i in range(self.replicas)}
             return LocalCluster(model=model, colocated=True, num_decode=self.replicas, decode_flags=[*common, *kv],
                                 gpus=gpus)
         return LocalCluster(model=model, prefill_flags=[*common, *kv, *self.prefill_flags],
-                            decode_flags=[*common, *kv], gpus={"prefill": "0", "decode": "1"})
+                            decode_flags=[*common, *decode_kv], gpus={"prefill": "0", "decode": "1"})
 
     def plan(self, card: str) -> Plan:
         gpu = ACCELERATORS[card]
@@ -77,7 +84,7 @@ class System:
             return Plan(self.label, gpu, self.replicas)
         pipeline = "--no-pipeline" not in self.prefill_flags
         mode = self.prefill_flags[self.prefill_flags.index("--prefill-dtype") + 1]
-        return Plan(self.label, gpu, 1, gpu, 1, mode, self.kv_dtype, pipeline)
+        return Plan(self.label, gpu, 1, gpu, 1, mode, self.kv_dtype, pipeline, decode_kv_dtype=self.decode_kv_dtype)
 
 
 SYSTEMS = {
@@ -86,7 +93,21 @@ SYSTEMS = {
     "disagg-bf16": System("(b) disaggregated, bf16 prefill + KV, no pipeline", False,
                           ("--prefill-dtype", "bf16", "--no-pipeline")),
     "hma": System("(c) HMA: fp8 prefill, fp8 KV, pipeline", False, ("--prefill-dtype", "fp8"), "fp8"),
+    "hma-bf16-prefill": System("(c-1) HMA without fp8 prefill (bf16 prefill)", False, ("--prefill-dtype", "bf16"),
+                               "fp8"),
+    "hma-bf16-kv": System("(c-2) HMA without fp8 KV (bf16 KV)", False, ("--prefill-dtype", "fp8"), "bf16"),
+    "hma-no-pipeline": System("(c-3) HMA without the pipeline (--no-pipeline)", False,
+                              ("--prefill-dtype", "fp8", "--no-pipeline"), "fp8"),
+    "hma-dequant-on-arrival": System("(c-4) HMA without deferred dequantization (bf16 decode cache)", False,
+                                     ("--prefill-dtype", "fp8"), "fp8", "bf16"),
 }
+# Each is one more goodput search as long as (c)'s, so they run only when named.
+ABLATIONS = ("hma-bf16-prefill", "hma-bf16-kv", "hma-no-pipeline", "hma-dequant-on-arrival")
+
+
+def system_names(spec: str) -> list[str]:
+    """--systems' comma-separated names in order, "ablations" standing for every ablation."""
+    return [name for part in spec.split(",") for name in (ABLATIONS if part == "ablations" else (part,))]
 
 
 def probe_requests(requests: list[TraceRequest], rate: float, window_s: float, min_requests: int) -> list[TraceRequest]:
@@ -211,7 +232,8 @@ def machine() -> str:
 
 def table(results: list[dict], calibration: Calibration | None = None) -> str:
     """Markdown: goodput per system and trace, the planner's prediction (made again with
-    `calibration` when given, else the one the run recorded), and (c)'s ratios."""
+    `calibration` when given, else the one the run recorded), and (c)'s ratios to the baselines
+    and to its ablations (what the technique each turns off is worth)."""
     lines = ["| model | trace (SLO TTFT / TPOT) | system | goodput req/s | per GPU | planner | planner error |",
              "|---|---|---|---:|---:|---:|---:|"]
     ratios = []
@@ -227,10 +249,11 @@ def table(results: list[dict], calibration: Calibration | None = None) -> str:
                          f"{SYSTEMS[name].label} | {shown} | {per_gpu} | {_num(p)} | {error} |")
         for trace in dict.fromkeys(t for _, t in found):
             c = found.get(("hma", trace), {}).get("goodput")
-            for base in ("colocated", "disagg-bf16"):
+            for base in ("colocated", "disagg-bf16", *ABLATIONS):
                 b = found.get((base, trace), {}).get("goodput")
                 if c is not None and b:
-                    ratios.append(f"{result['model']}, {trace}: (c) / {SYSTEMS[base].label[:3]} = {c / b:.2f}x")
+                    tag = SYSTEMS[base].label.split()[0]
+                    ratios.append(f"{result['model']}, {trace}: (c) / {tag} = {c / b:.2f}x")
     return "\n".join(lines + [""] + ratios)
 
 
@@ -263,7 +286,11 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser = argparse.ArgumentParser(prog="python -m hma bench systems", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="random:qwen3-4b")
-    parser.add_argument("--systems", default=",".join(SYSTEMS), help="some of: " + ", ".join(SYSTEMS))
+    systems = [n for n in SYSTEMS if n not in ABLATIONS]
+    parser.add_argument("--systems", default=",".join(systems),
+                        help=f"comma-separated, some of: {', '.join(systems)} (the default: all of these); "
+                             f"(c)'s ablations, run only when named: {', '.join(ABLATIONS)} ('ablations' "
+                             f"names every one)")
     parser.add_argument("--traces", default="azure-conv,azure-code")
     parser.add_argument("--num-prompts", type=int, default=1000, help="the trace's first requests to draw from")
     parser.add_argument("--max-prompt-len", type=int, default=8192)
@@ -297,6 +324,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     args = parser.parse_args(argv)
     if bool(args.slo_ttft_ms) != bool(args.slo_tpot_ms):
         parser.error("give both --slo-ttft-ms and --slo-tpot-ms, or neither")
+    names = system_names(args.systems)
+    if unknown := [n for n in names if n not in SYSTEMS]:  # before hours of other systems' runs
+        parser.error(f"no system {', '.join(unknown)}; choose from {', '.join(SYSTEMS)}, ablations")
     calibration = None
     if args.calibration:
         merged = merge_speed_runs([json.loads(p.read_text()) for p in args.calibration])
@@ -318,7 +348,7 @@ def main(argv: list[str] | None = None) -> dict | None:
               "step_calibration": [str(p) for p in args.step_calibration or []],
               "num_prompts": args.num_prompts,
               "max_prompt_len": args.max_prompt_len, "max_output_len": args.max_output_len, "systems": []}
-    for name in args.systems.split(","):
+    for name in names:
         if time.monotonic() > out_of_time:
             break
         run_system(name, args, result, out_of_time, calibration or H100_CALIBRATION)
