@@ -32,13 +32,27 @@ MAX_PARTITION = 1024       # tokens per split at most, so long sequences spread 
 
 @dataclass(frozen=True, slots=True)
 class DecodeConfig:
-    """The attention kernel's launch: tokens per loop iteration, warps, software-pipeline stages.
-    The defaults won a sweep on an H100; on an H200 they win for fp8 and stay within 3% of the
-    best for bf16, int8 and int4 (`python -m hma bench attention`)."""
+    """The attention kernel's launch: tokens per loop iteration, warps, software-pipeline stages,
+    and a cap on registers per thread (None: the compiler's choice). The defaults won a sweep on an
+    H100 and stay within 1-3% of the best for bf16 and int4 on an H200 (`python -m hma bench attention`);
+    8-bit payloads take `EIGHT_BIT` (for_format)."""
 
     tile: int = 128
     num_warps: int = 4
     num_stages: int = 3
+    max_registers: int | None = None
+
+
+# An 8-bit tile is half a bf16 one and the kernel is bound by latency, not bandwidth: at the
+# compiler's ~200 registers a thread only two programs fit on an SM (Nsight Compute, H200). Capped
+# at 128, fp8 at 64 x 4,096 tokens took 304 us against 332 and int8 317 against 382 (H200, `python
+# -m hma bench attention`); the cap makes bf16 slower, so bf16 keeps the defaults.
+EIGHT_BIT = DecodeConfig(max_registers=128)
+
+
+def for_format(fmt: KVFormat) -> DecodeConfig:
+    """The default launch for a KV format's payload."""
+    return EIGHT_BIT if isinstance(fmt, AbsmaxFormat) else DecodeConfig()
 
 
 def family(fmt: KVFormat) -> tuple[int, int]:
@@ -73,10 +87,13 @@ def _load_tile(payload_ptr, scales_ptr, rows, valid, d, dot_dtype: tl.constexpr,
                             GROUP)
         return tl.reshape(tl.reshape(x, (TILE, DIM_ROWS // GROUP, GROUP)) * step + low,
                           (TILE, DIM_ROWS)).to(dot_dtype)
-    # No `other=`: a constant cannot be cast to float8, so masked rows are zeroed after the load.
     # One conversion per value, straight to the dot's type (fp8 and int8 are exact in float16).
-    x = tl.load(payload_ptr + rows[:, None] * PAYLOAD_DIM + d[None, :], mask=mask).to(dot_dtype)
-    x = tl.where(mask, x, 0.0)
+    # Masked values load as 0 (`other=`): zeroing them after the load (tl.where) made the kernel
+    # 17% slower for bf16 and 15% for fp8 at 64 x 4,096 tokens (H200).
+    x = tl.load(payload_ptr + rows[:, None] * PAYLOAD_DIM + d[None, :], mask=mask, other=0)
+    if payload_ptr.dtype.element_ty == tl.uint8:  # fp8 passed as its bytes (int4 returned above)
+        x = x.to(tl.float8e4nv, bitcast=True)
+    x = x.to(dot_dtype)
     if KIND == BLOCK_SCALED:
         step = _group_scales(scales_ptr, rows, valid, 0, TILE, DIM_ROWS, NUM_SCALES, NUM_SCALES, GROUP)
         x = tl.reshape(tl.reshape(x.to(tl.float32), (TILE, DIM_ROWS // GROUP, GROUP)) * step,
@@ -240,10 +257,11 @@ def choose_partition(num_seqs: int, num_kv_heads: int, max_len: int, device: tor
 
 def paged_decode_attention(q: torch.Tensor, cache: LayerKV, block_tables: torch.Tensor,
                            seq_lens: torch.Tensor, scale: float, partition: int | None = None,
-                           config: DecodeConfig = DecodeConfig()) -> torch.Tensor:
+                           config: DecodeConfig | None = None) -> torch.Tensor:
     """q (num_seqs, heads, head_dim) -> like q; block_tables (num_seqs, max_blocks), seq_lens
     (num_seqs,) on q's device. The grid covers max_blocks * block_size tokens; splits past a
-    sequence's length exit at once."""
+    sequence's length exit at once. config: the launch (default: for_format of the cache's)."""
+    config = config or for_format(cache.format)
     num_seqs, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, payload_dim = cache.k.shape
     kind, group = family(cache.format)
@@ -257,9 +275,14 @@ def paged_decode_attention(q: torch.Tensor, cache: LayerKV, block_tables: torch.
     part_max = q.new_empty(num_seqs, num_heads, num_splits, dtype=torch.float32)
     part_sum = torch.empty_like(part_max)
     tables = block_tables.contiguous()
+    k, v = cache.k, cache.v
+    if k.dtype == torch.float8_e4m3fn:
+        # as bytes: a constant `other=` cannot be cast to float8, and casting the pointer inside
+        # the kernel instead ran 10-20% slower (H200)
+        k, v = k.view(torch.uint8), v.view(torch.uint8)
     triton_launch(
         _paged_decode_kernel, (num_seqs, num_kv_heads, num_splits),
-        q, cache.k, cache.k_scales, cache.v, cache.v_scales, tables, seq_lens,
+        q, k, cache.k_scales, v, cache.v_scales, tables, seq_lens,
         out, part_acc, part_max, part_sum, scale, tables.stride(0), num_splits,
         NUM_KV_HEADS=num_kv_heads, QUERIES_PER_KV=num_heads // num_kv_heads, HEAD_DIM=head_dim,
         PAYLOAD_DIM=payload_dim, NUM_SCALES=cache.k_scales.shape[-1], BLOCK_SIZE=block_size,
@@ -270,7 +293,7 @@ def paged_decode_attention(q: torch.Tensor, cache: LayerKV, block_tables: torch.
         # float32 models (the tests' reference runs) get full-precision dots, not TF32
         DOT_DTYPE=_dot_dtype(q.dtype, kind), DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         INTERPRETED=os.environ.get("TRITON_INTERPRET") == "1", num_warps=config.num_warps,
-        num_stages=config.num_stages)
+        num_stages=config.num_stages, **({"maxnreg": config.max_registers} if config.max_registers else {}))
     if num_splits > 1:
         triton_launch(
             _merge_splits_kernel, (num_seqs * num_heads,), out, part_acc, part_max, part_sum, num_splits,

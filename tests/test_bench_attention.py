@@ -19,9 +19,10 @@ def test_fastest_skips_failed_and_wrong_configs():
 
 
 def test_sweep_times_every_config_and_checks_its_output():
-    configs = candidates([32, 64], [4], [2])
+    configs = candidates([32, 64], [4], [2], [0, 128])
+    assert configs[:2] == [DecodeConfig(32, 4, 2), DecodeConfig(32, 4, 2, 128)]
     rows = sweep("int8", configs, batch=2, context=64, device=torch.device("cpu"), rep_ms=1)
-    assert [DecodeConfig(r["tile"], r["num_warps"], r["num_stages"]) for r in rows] == configs
+    assert [DecodeConfig(r["tile"], r["num_warps"], r["num_stages"], r["max_registers"]) for r in rows] == configs
     assert all(r["seconds"] > 0 and r["max_rel_diff"] < 0.02 for r in rows)
     # payload (int8) and scales (float16) of K and V, 8 heads x 128 dims, for 2 x 64 tokens
     assert rows[0]["bytes_per_s"] * rows[0]["seconds"] == pytest.approx(2 * 2 * 64 * 8 * (128 + 2))

@@ -102,7 +102,7 @@ from hma.quant import MIN_SCALE, ROW_QMAX
 for mode, qmax in ROW_QMAX.items():
     quant_kernels.quantize_rows(torch.zeros(3, 2560, dtype=torch.bfloat16), mode, qmax, MIN_SCALE)
 for kernel, args, constexprs in launches:
-    options = {k: constexprs.pop(k) for k in ("num_warps", "num_stages") if k in constexprs}
+    options = {k: constexprs.pop(k) for k in ("num_warps", "num_stages", "maxnreg") if k in constexprs}
     names = kernel.arg_names
     signature = {n: TYPES[a.dtype] if isinstance(a, torch.Tensor) else ("fp32" if isinstance(a, float) else "i32")
                  for n, a in zip(names, args)}
@@ -229,3 +229,23 @@ def test_eager_decode_of_new_widths_and_row_offsets_compiles_nothing_after_the_w
                                lens[start:end].clamp(max=width * BLOCK), 0.125)
     new = _compiled_variants() - compiled
     assert not new, f"compiled after the warm-up: {sorted(new)}"
+
+
+@pytest.mark.parametrize("name", ["bf16", "fp8", "int8", "int4"])
+def test_8_bit_payloads_launch_with_a_register_cap_and_fp8_as_its_bytes(monkeypatch, name):
+    """8-bit KV launches capped at EIGHT_BIT's registers (more programs fit an SM), the rest
+    uncapped; fp8 payloads reach the kernel as uint8 views of the same memory, so masked
+    values can load as 0."""
+    launches = []
+    monkeypatch.setattr(kernels, "triton_launch", lambda kernel, grid, *args, **constexprs: launches.append(
+        (kernel, args, constexprs)))
+    layer = LayerKV.empty(get_kv_format(name), 4, BLOCK, KV_HEADS, HEAD_DIM, "cpu")
+    paged_decode_attention(torch.zeros(1, HEADS, HEAD_DIM), layer, torch.zeros(1, 4, dtype=torch.long),
+                           torch.ones(1, dtype=torch.long), 0.1)
+    _, args, constexprs = launches[0]
+    eight_bit = name in ("fp8", "int8")
+    assert constexprs.get("maxnreg") == (kernels.EIGHT_BIT.max_registers if eight_bit else None)
+    assert constexprs["num_stages"] == kernels.for_format(layer.format).num_stages
+    k, v = args[1], args[3]
+    assert k.data_ptr() == layer.k.data_ptr() and v.data_ptr() == layer.v.data_ptr()
+    assert k.dtype == (torch.uint8 if name == "fp8" else layer.k.dtype)

@@ -3,10 +3,10 @@
 `python -m hma bench attention --device cuda --json attention.json`
 One layer of a Qwen3 shape (8 KV heads, 32 query heads, head_dim 128), batch x context tokens
 in shuffled blocks, one decode query per sequence. For each KV format and each configuration
-(tokens per tile, warps, software-pipeline stages) it
+(tokens per tile, warps, software-pipeline stages, register cap) it
 reports the median kernel time and the bytes read per second (payload and scales) against the
 GPU's copy bandwidth measured in the same run, checks every output against the kernel's default
-configuration, and names the fastest per format (`kernels.DecodeConfig`'s defaults are the pick).
+configuration, and names the fastest per format (`kernels.for_format` holds the picks).
 """
 
 from __future__ import annotations
@@ -33,9 +33,10 @@ BLOCK_SIZE = 16
 FILL_TOKENS = 1 << 16  # tokens written per call while filling the pools
 
 
-def candidates(tiles: list[int], warps: list[int], stages: list[int]) -> list[DecodeConfig]:
-    """Every combination of the given tiles, warps and stages."""
-    return [DecodeConfig(t, w, s) for t, w, s in itertools.product(tiles, warps, stages)]
+def candidates(tiles: list[int], warps: list[int], stages: list[int],
+               registers: tuple[int, ...] = (0,)) -> list[DecodeConfig]:
+    """Every combination of the given tiles, warps, stages and register caps (0: none)."""
+    return [DecodeConfig(t, w, s, r or None) for t, w, s, r in itertools.product(tiles, warps, stages, registers)]
 
 
 def filled_layer(kv_dtype: str, num_tokens: int, num_kv_heads: int, head_dim: int,
@@ -61,7 +62,7 @@ def sweep(kv_dtype: str, configs: list[DecodeConfig], batch: int, context: int, 
     q = torch.randn(batch, num_heads, head_dim, device=device, dtype=torch.bfloat16)
     nbytes = sum(t.numel() * t.element_size() for t in layer.tensors)
     run = lambda config: attend(q, layer, tables, lens, head_dim ** -0.5, config=config)  # noqa: E731
-    expected = run(DecodeConfig()).float()
+    expected = run(kernels.for_format(layer.format)).float()
     rows = []
     for config in configs:
         try:
@@ -107,6 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--tiles", default="64,128")
     parser.add_argument("--warps", default="4,8")
     parser.add_argument("--stages", default="2,3")
+    parser.add_argument("--max-registers", default="0,128", help="caps on registers per thread; 0: none")
     parser.add_argument("--device", default=None)
     parser.add_argument("--rep-ms", type=float, default=40.0, help="GPU time spent timing each config")
     parser.add_argument("--json", type=Path, default=None)
@@ -116,7 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
     if device.type != "cuda":
         raise SystemExit("bench attention times a GPU kernel: it needs --device cuda")
     copy = copy_bytes_per_s(device, 10)
-    configs = candidates(ints(args.tiles), ints(args.warps), ints(args.stages))
+    configs = candidates(ints(args.tiles), ints(args.warps), ints(args.stages), ints(args.max_registers))
     rows, best = [], {}
     for kv_dtype in args.kv_dtypes.split(","):
         found = sweep(kv_dtype, configs, args.batch_size, args.context, device, args.rep_ms)
@@ -135,9 +137,10 @@ def main(argv: list[str] | None = None) -> dict:
 def _print(out: dict) -> None:
     print(f"decode attention, one layer, {out['batch_size']} x {out['context']} tokens, {out['machine']}; "
           f"copy {out['copy_bytes_per_s'] / 1e12:.2f} TB/s")
-    print(f"{'kv':>5} {'tile':>4} {'warps':>5} {'stages':>6} {'us':>8} {'TB/s':>6} {'x copy':>6}")
+    print(f"{'kv':>5} {'tile':>4} {'warps':>5} {'stages':>6} {'regs':>5} {'us':>8} {'TB/s':>6} {'x copy':>6}")
     for r in out["rows"]:
-        head = f"{r['kv_dtype']:>5} {r['tile']:>4} {r['num_warps']:>5} {r['num_stages']:>6}"
+        head = (f"{r['kv_dtype']:>5} {r['tile']:>4} {r['num_warps']:>5} {r['num_stages']:>6} "
+                f"{r.get('max_registers') or '-':>5}")
         if "failed" in r:
             print(f"{head}  failed: {r['failed']}")
             continue
