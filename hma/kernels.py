@@ -88,8 +88,8 @@ def _load_tile(payload_ptr, scales_ptr, rows, valid, d, dot_dtype: tl.constexpr,
         return tl.reshape(tl.reshape(x, (TILE, DIM_ROWS // GROUP, GROUP)) * step + low,
                           (TILE, DIM_ROWS)).to(dot_dtype)
     # One conversion per value, straight to the dot's type (fp8 and int8 are exact in float16).
-    # Masked values load as 0 (`other=`): zeroing them after the load (tl.where) made the kernel
-    # 17% slower for bf16 and 15% for fp8 at 64 x 4,096 tokens (H200).
+    # Masked values load as 0 (`other=`): zeroing them after the load (tl.where) made the bf16
+    # kernel 20% slower at 64 x 4,096 tokens (H200). 8-bit payloads gain only with EIGHT_BIT's cap.
     x = tl.load(payload_ptr + rows[:, None] * PAYLOAD_DIM + d[None, :], mask=mask, other=0)
     if payload_ptr.dtype.element_ty == tl.uint8:  # fp8 passed as its bytes (int4 returned above)
         x = x.to(tl.float8e4nv, bitcast=True)
@@ -277,8 +277,7 @@ def paged_decode_attention(q: torch.Tensor, cache: LayerKV, block_tables: torch.
     tables = block_tables.contiguous()
     k, v = cache.k, cache.v
     if k.dtype == torch.float8_e4m3fn:
-        # as bytes: a constant `other=` cannot be cast to float8, and casting the pointer inside
-        # the kernel instead ran 10-20% slower (H200)
+        # as bytes, bitcast in the kernel: a constant `other=` cannot be cast to float8
         k, v = k.view(torch.uint8), v.view(torch.uint8)
     triton_launch(
         _paged_decode_kernel, (num_seqs, num_kv_heads, num_splits),
