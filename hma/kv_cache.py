@@ -109,10 +109,14 @@ class KVCache:
         return self.num_blocks * self.block_size
 
 
+def kv_bytes_per_token(config: ModelConfig, fmt: KVFormat) -> int:
+    """K and V of every layer for one token, payload and scales."""
+    return 2 * config.num_hidden_layers * fmt.bytes_per_token(config.num_key_value_heads, config.head_dim)
+
+
 def bytes_per_block(config: ModelConfig, block_size: int, fmt: KVFormat) -> int:
     """K and V of every layer for one block, payload and scales."""
-    per_token = fmt.bytes_per_token(config.num_key_value_heads, config.head_dim)
-    return 2 * config.num_hidden_layers * block_size * per_token
+    return block_size * kv_bytes_per_token(config, fmt)
 
 
 def kv_budget_bytes(device: torch.device, kv_memory_gb: float | None, fraction: float) -> int:

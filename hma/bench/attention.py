@@ -34,9 +34,10 @@ FILL_TOKENS = 1 << 16  # tokens written per call while filling the pools
 
 
 def candidates(tiles: list[int], warps: list[int], stages: list[int],
-               registers: tuple[int, ...] = (0,)) -> list[DecodeConfig]:
+               registers: list[int] | None = None) -> list[DecodeConfig]:
     """Every combination of the given tiles, warps, stages and register caps (0: none)."""
-    return [DecodeConfig(t, w, s, r or None) for t, w, s, r in itertools.product(tiles, warps, stages, registers)]
+    return [DecodeConfig(t, w, s, r or None)
+            for t, w, s, r in itertools.product(tiles, warps, stages, registers or [0])]
 
 
 def filled_layer(kv_dtype: str, num_tokens: int, num_kv_heads: int, head_dim: int,

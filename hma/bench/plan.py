@@ -33,6 +33,7 @@ from hma.bench.speed import decoder_linear_params, prefill_flops
 from hma.bench.traces import TraceRequest, clip, read_trace, scale_to_rate, trace_path
 from hma.config import QWEN3_SHAPES, ModelConfig, qwen3_shape
 from hma.errors import InvalidRequestError
+from hma.kv_cache import kv_bytes_per_token
 from hma.kv_formats import get_kv_format
 
 MEMORY_USABLE = 0.9  # share of a card's memory for weights and KV (the rest: activations, graphs)
@@ -153,17 +154,11 @@ class Plan:
         return sum(card.dollars_per_hour * n for card, n in prices)
 
 
-def _kv_bytes_per_token(model: ModelConfig, kv_dtype: str) -> int:
-    """Bytes of K and V, every layer, of one token in a KV format (payload and scales)."""
-    return 2 * model.num_hidden_layers * get_kv_format(kv_dtype).bytes_per_token(model.num_key_value_heads,
-                                                                                  model.head_dim)
-
-
 def build(plan: Plan, model: ModelConfig, cal: Calibration, link_bytes_per_s: float) -> Deployment | str:
     """The simulator's Deployment for a plan, or why it cannot run (does not fit, no such unit)."""
     params = num_params(model)
     decode_kv = plan.decode_kv_dtype or plan.kv_dtype
-    wire_per_token, kv_per_token = (_kv_bytes_per_token(model, kv) for kv in (plan.kv_dtype, decode_kv))
+    wire_per_token, kv_per_token = (kv_bytes_per_token(model, get_kv_format(kv)) for kv in (plan.kv_dtype, decode_kv))
     decode_weights = 2 * params  # decode keeps bf16 weights
     kv_room = plan.decode.memory_bytes * MEMORY_USABLE - decode_weights
     if kv_room <= 0:

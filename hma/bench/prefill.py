@@ -19,7 +19,7 @@ from hma.batch import Batch
 from hma.bench import write_json
 from hma.bench.speed import BLOCK_SIZE, chunks, machine_name, median_seconds
 from hma.config import QWEN3_SHAPES, qwen3_shape
-from hma.kv_cache import KVCache, blocks_for
+from hma.kv_cache import KVCache, blocks_for, kv_bytes_per_token
 from hma.kv_formats import KV_FORMATS, get_kv_format
 from hma.loading import resolve_device, resolve_dtype
 from hma.qwen3 import Qwen3ForCausalLM
@@ -68,8 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
 def kv_bytes_table(config) -> list[dict]:
     """K and V bytes per token, all layers, per format, and the ratio to bf16."""
     def per_token(name: str) -> int:
-        fmt = get_kv_format(name)
-        return 2 * config.num_hidden_layers * fmt.bytes_per_token(config.num_key_value_heads, config.head_dim)
+        return kv_bytes_per_token(config, get_kv_format(name))
 
     rows = [{"kv_dtype": name, "bytes_per_token": per_token(name),
              "vs_bf16": per_token(name) / per_token("bf16")} for name in KV_FORMATS]

@@ -77,7 +77,6 @@ def profile_prefill(model: Qwen3ForCausalLM, prompt_len: int, device: torch.devi
                     piecewise: bool = False) -> dict:
     """One prefill of prompt_len tokens: host issue time, time to done, GPU busy time, top host ops;
     with piecewise, through the piecewise graphs as the hosts run it (captured first)."""
-    config = model.config
     if piecewise:
         model.use_piecewise_graphs(PIECEWISE_GRAPH_TOKENS)
         model.piecewise.capture()

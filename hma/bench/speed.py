@@ -33,7 +33,7 @@ from hma.batch import Batch, SeqChunk
 from hma.bench import write_json
 from hma.config import PIECEWISE_GRAPH_TOKENS, EngineConfig, ModelConfig, qwen3_shape
 from hma.cuda_graphs import DecodeGraphs
-from hma.kv_cache import KVCache, blocks_for, bytes_per_block
+from hma.kv_cache import KVCache, blocks_for, bytes_per_block, kv_bytes_per_token
 from hma.kv_formats import get_kv_format
 from hma.loading import resolve_device
 from hma.qwen3 import Qwen3ForCausalLM
@@ -137,8 +137,7 @@ def bench_decode(model: Qwen3ForCausalLM, kv_dtype: str, contexts: list[int], ba
             decodes = chunks(bs, 1, config.vocab_size, context - 1, blocks)
             seconds = median_seconds(lambda: graphs.run(decodes).argmax(-1).tolist(), device, iters)
             cache.allocator.free(blocks)
-            kv_bytes = 2 * config.num_hidden_layers * bs * context * fmt.bytes_per_token(
-                config.num_key_value_heads, config.head_dim)
+            kv_bytes = bs * context * kv_bytes_per_token(config, fmt)
             floor = (weights + kv_bytes) / bandwidth
             rows.append({**row, "step_s": seconds, "tok_s": bs / seconds, "floor_s": floor,
                          "weight_bytes": weights, "kv_bytes": kv_bytes, "x_floor": seconds / floor})
