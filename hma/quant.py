@@ -213,14 +213,24 @@ class PhaseLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, num_prefill_rows: int) -> torch.Tensor:
         if self.prefill is None:
-            return F.linear(x, self.weight)
+            return float_linear(x, self.weight)
         if num_prefill_rows == x.shape[0]:
             return self.prefill(x)
         if self.weight is None:
             raise RuntimeError("this model holds only prefill weights; it cannot run decode rows")
         if num_prefill_rows == 0:
-            return F.linear(x, self.weight)
-        return torch.cat([self.prefill(x[:num_prefill_rows]), F.linear(x[num_prefill_rows:], self.weight)])
+            return float_linear(x, self.weight)
+        return torch.cat([self.prefill(x[:num_prefill_rows]), float_linear(x[num_prefill_rows:], self.weight)])
+
+
+def float_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """F.linear(x, weight); on CUDA hma.matvec.linear, which runs a decode step of a few rows
+    through its own kernel (it reads the weight faster than cuBLAS's split-K kernels do)."""
+    if x.is_cuda and x.dim() == 2:
+        from hma import matvec  # Triton ships with CUDA builds of torch, not CPU ones
+
+        return matvec.linear(x, weight)
+    return F.linear(x, weight)
 
 
 def smoothing_factors(input_amax: torch.Tensor, weight: torch.Tensor, alpha: float) -> torch.Tensor:

@@ -27,6 +27,7 @@ def test_matrix_product_kernels_are_told_from_the_rest():
     assert is_matmul("nvjet_sm90_tst_64x8_64x16_4x1_v_bz_splitK_TNT")
     assert is_matmul("void cublasLt::splitKreduce_kernel<32, 16, int, float>")
     assert is_matmul("sm90_xmma_gemm_e4m3bf16_e4m3f32_f32_tn_n")
+    assert is_matmul("_matvec_kernel")  # hma.matvec's, which one-row decode steps run
     assert not is_matmul("_paged_decode_kernel") and not is_matmul("triton_poi_fused_mul_silu_split_0")
 
 

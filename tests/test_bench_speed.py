@@ -56,9 +56,11 @@ def test_markdown_tables_show_each_point_its_floor_ratio_and_the_baseline():
 
 
 def test_engine_steps_are_timed_plain_and_overlapped():
-    from hma.bench.speed import bench_engine_steps
+    from hma.bench.speed import bench_engine_steps, engine_steps_len
 
-    model = Qwen3ForCausalLM.create(ModelConfig(**SHAPE), torch.float32, "cpu")
+    # RoPE's table exactly as long as main makes it: a longer run would index past its end
+    longest = engine_steps_len(5, iters=2, steps=2)
+    model = Qwen3ForCausalLM.create(ModelConfig(**SHAPE), torch.float32, "cpu", max_positions=longest + 1)
     model.init_random_()
     rows = bench_engine_steps(model, [1, 3], context=5, device=torch.device("cpu"), iters=2, steps=2)
     assert [(r["async_scheduling"], r["batch_size"]) for r in rows] == [("off", 1), ("off", 3), ("auto", 1), ("auto", 3)]

@@ -30,7 +30,7 @@ from hma.loading import resolve_device
 from hma.qwen3 import Qwen3ForCausalLM
 
 RUNS, WARM_RUNS = 5, 3
-MATMUL_MARKS = ("gemm", "gemv", "nvjet", "cutlass", "xmma", "splitkreduce", "scaled_mm")
+MATMUL_MARKS = ("gemm", "gemv", "matvec", "nvjet", "cutlass", "xmma", "splitkreduce", "scaled_mm")
 
 
 def is_matmul(kernel: str) -> bool:

@@ -42,6 +42,7 @@ BLOCK_SIZE = 16
 MATMUL_SIZE = 8192
 COPY_BYTES = 1 << 30
 MEMORY_HEADROOM = 6e9  # bytes left free beside weights and KV for activations and graphs
+ENGINE_WINDOW_STEPS = 10  # engine steps per timed window of bench_engine_steps
 
 
 def median_seconds(fn: Callable[[], object], device: torch.device, iters: int, warmup: int = 2) -> float:
@@ -144,15 +145,20 @@ def bench_decode(model: Qwen3ForCausalLM, kv_dtype: str, contexts: list[int], ba
     return rows
 
 
+def engine_steps_len(context: int, iters: int, steps: int = ENGINE_WINDOW_STEPS) -> int:
+    """Tokens a sequence of bench_engine_steps reaches: its prompt, then every timed step."""
+    return context + steps * (iters + 2) + 1
+
+
 def bench_engine_steps(model: Qwen3ForCausalLM, batch_sizes: list[int], context: int, device: torch.device,
-                       iters: int, steps: int = 10) -> list[dict]:
+                       iters: int, steps: int = ENGINE_WINDOW_STEPS) -> list[dict]:
     """Whole engine steps in steady greedy decode (scheduling, inputs, graph replay, tokens read
     back, stop checks), plain and overlapped (async_scheduling off / auto), bf16 KV, prompts of
     `context` tokens: median over iters windows of `steps` steps each, after two windows."""
     from hma.engine import LLMEngine
     from hma.sampling import SamplingParams
 
-    rows, length = [], context + steps * (iters + 2) + 1
+    rows, length = [], engine_steps_len(context, iters, steps)
     for mode in ("off", "auto"):
         for bs in batch_sizes:
             cache = KVCache(model.config, bs * blocks_for(length, BLOCK_SIZE) + 2, BLOCK_SIZE, get_kv_format("bf16"), device)
@@ -294,8 +300,10 @@ def main(argv: list[str] | None = None) -> dict:
         config = qwen3_shape(shape)
         if args.num_layers:
             config = dataclasses.replace(config, num_hidden_layers=args.num_layers)
-        model = Qwen3ForCausalLM.create(config, torch.bfloat16, device,
-                                        max_positions=max(ints(args.contexts) + ints(args.prompt_lens)) + 1)
+        # RoPE's table must reach the longest sequence: a decode context, a prompt or an engine run's
+        longest = max(ints(args.contexts) + ints(args.prompt_lens)
+                      + [engine_steps_len(min(ints(args.contexts)), args.iters)] * bool(args.engine_batch_sizes))
+        model = Qwen3ForCausalLM.create(config, torch.bfloat16, device, max_positions=longest + 1)
         model.init_random_()
         result = {"shape": shape, "decode": [], "engine": [], "prefill": [], "transformers": []}
         for kv_dtype in args.kv_dtypes.split(","):
