@@ -5,7 +5,8 @@ For each Qwen3 shape, one row of x (a decode step of one sequence): a CUDA graph
 linear over every layer's own weight (distinct tensors, so nothing stays in L2), then the chain
 of a layer's four linears (qkv, o, gate_up, down), each feeding the next, over all layers: the
 weight traffic of a decode step. Median of graph replays; bytes are the weights read.
-Outputs are checked against F.linear. `--sweep` also times every launch configuration and names the fastest per linear, which is how hma.matvec's picks were made.
+Outputs are checked against F.linear. `--sweep` also times every launch configuration and names
+the fastest per linear, which is how hma.matvec's picks were made.
 """
 
 from __future__ import annotations
@@ -21,18 +22,11 @@ import torch
 import torch.nn.functional as F
 
 from hma.bench import write_json
-from hma.bench.speed import copy_bytes_per_s, machine_name, median_seconds
+from hma.bench.speed import copy_bytes_per_s, decoder_linears, machine_name, median_seconds
 from hma.config import ModelConfig, qwen3_shape
 from hma.loading import resolve_device
 
 Linear = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def decoder_linears(config: ModelConfig) -> dict[str, tuple[int, int]]:
-    """(out_features, in_features) of a layer's four linears, q/k/v and gate/up fused as in qwen3."""
-    q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
-    hidden, inter = config.hidden_size, config.intermediate_size
-    return {"qkv": (q + 2 * kv, hidden), "o": (hidden, q), "gate_up": (2 * inter, hidden), "down": (hidden, inter)}
 
 
 def graph_seconds(fn: Callable[[], object], device: torch.device, replays: int) -> float:
@@ -114,13 +108,13 @@ def bench_shape(config: ModelConfig, device: torch.device, dtype: torch.dtype,
 
     gen = torch.Generator(device).manual_seed(0)
     shapes = decoder_linears(config)
-    layers = [{name: torch.randn(n, k, device=device, dtype=dtype, generator=gen) * 0.02 for name, (n, k) in shapes.items()}
-              for _ in range(config.num_hidden_layers)]
+    layers = [{name: torch.randn(n, k, device=device, dtype=dtype, generator=gen) * 0.02
+               for name, (n, k) in shapes.items()} for _ in range(config.num_hidden_layers)]
     impls: dict[str, Linear] = {"cublas": F.linear, "matvec": matvec.linear}
+    per_linear = {**impls, **(sweep_impls() if sweep else {})}
     result = {"shapes": shapes, "runs": []}
     for name in shapes:
-        run = bench_linear([layer[name] for layer in layers], {**impls, **(sweep_impls() if sweep else {})},
-                           device, replays)
+        run = bench_linear([layer[name] for layer in layers], per_linear, device, replays)
         result["runs"].append({"linear": name, **run})
     result["runs"].append({"linear": "chain", **bench_chain(layers, impls, device, replays)})
     return result

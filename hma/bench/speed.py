@@ -183,12 +183,16 @@ def bench_engine_steps(model: Qwen3ForCausalLM, batch_sizes: list[int], context:
     return rows
 
 
+def decoder_linears(config: ModelConfig) -> dict[str, tuple[int, int]]:
+    """(out_features, in_features) of a layer's four linears, q/k/v and gate/up fused as in qwen3."""
+    q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+    hidden, inter = config.hidden_size, config.intermediate_size
+    return {"qkv": (q + 2 * kv, hidden), "o": (hidden, q), "gate_up": (2 * inter, hidden), "down": (hidden, inter)}
+
+
 def decoder_linear_params(config: ModelConfig) -> int:
     """Weights of every layer's q/k/v, o, gate/up and down projections (no norms, no embeddings)."""
-    h, inter = config.hidden_size, config.intermediate_size
-    q = config.num_attention_heads * config.head_dim
-    kv = config.num_key_value_heads * config.head_dim
-    return config.num_hidden_layers * (h * (q + 2 * kv) + q * h + 3 * h * inter)
+    return config.num_hidden_layers * sum(n * k for n, k in decoder_linears(config).values())
 
 
 def prefill_flops(config: ModelConfig, num_tokens: int) -> float:
@@ -301,9 +305,10 @@ def main(argv: list[str] | None = None) -> dict:
         if args.num_layers:
             config = dataclasses.replace(config, num_hidden_layers=args.num_layers)
         # RoPE's table must reach the longest sequence: a decode context, a prompt or an engine run's
-        longest = max(ints(args.contexts) + ints(args.prompt_lens)
-                      + [engine_steps_len(min(ints(args.contexts)), args.iters)] * bool(args.engine_batch_sizes))
-        model = Qwen3ForCausalLM.create(config, torch.bfloat16, device, max_positions=longest + 1)
+        lengths = ints(args.contexts) + ints(args.prompt_lens)
+        if args.engine_batch_sizes:
+            lengths.append(engine_steps_len(min(ints(args.contexts)), args.iters))
+        model = Qwen3ForCausalLM.create(config, torch.bfloat16, device, max_positions=max(lengths) + 1)
         model.init_random_()
         result = {"shape": shape, "decode": [], "engine": [], "prefill": [], "transformers": []}
         for kv_dtype in args.kv_dtypes.split(","):
