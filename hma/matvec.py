@@ -7,7 +7,8 @@ against 3.92 for qwen3-8b; `python -m hma bench matvec`). Each program owns one 
 features, about 16 KiB of weights, so even the narrow projections spread over ten programs an
 SM. It walks K with plain multiply-adds on the CUDA cores: one row leaves a tensor core nothing
 to reuse. A version taking two or four rows at once (one accumulator per row) lost to cuBLAS
-(0.91x and 0.58x over the layer chain), so steps of more rows keep F.linear.
+(0.91x and 0.58x over the layer chain, a one-off run of a draft of the bench), so steps of more
+rows keep F.linear.
 Reference: F.linear, which the tests hold the kernel to (on CPU through Triton's interpreter).
 """
 
