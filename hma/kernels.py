@@ -28,6 +28,7 @@ from hma.kv_formats import AbsmaxFormat, BlockFloatFormat, CastFormat, Int4Forma
 CAST, ABSMAX, INT4, BLOCK_SCALED = (tl.constexpr(i) for i in range(4))
 MIN_GROUP_ROWS = 16        # tl.dot wants at least 16 rows: the query heads of a group are padded
 MAX_PARTITION = 1024       # tokens per split at most, so long sequences spread over the GPU
+_INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,12 +44,11 @@ class DecodeConfig:
     max_registers: int | None = None
 
 
-# An 8-bit tile is half a bf16 one and the kernel is bound by latency, not bandwidth: at the
-# compiler's ~200 registers a thread only two programs fit on an SM (Nsight Compute, H200). Capped
-# at 128, fp8 at 64 x 4,096 tokens took 304 us against 332 and int8 317 against 382 (H200, `python
-# -m hma bench attention`); the cap makes bf16 slower, so bf16 keeps the defaults.
-EIGHT_BIT = DecodeConfig(max_registers=128)
-
+# 8-bit payloads convert to float16 in inline assembly (_bytes_to_half), which takes fewer
+# registers than the plain cast did; uncapped, two pipeline stages were fastest for both, fp8 at
+# 64 x 4,096 tokens in 285 us and int8 in 286 (H200, `python -m hma bench attention`), against
+# 302 and 312 with the plain cast and its best launch, 128 registers. bf16 keeps three stages.
+EIGHT_BIT = DecodeConfig(num_stages=2)
 
 def for_format(fmt: KVFormat) -> DecodeConfig:
     """The default launch for a KV format's payload."""
@@ -89,16 +89,38 @@ def _load_tile(payload_ptr, scales_ptr, rows, valid, d, dot_dtype: tl.constexpr,
                           (TILE, DIM_ROWS)).to(dot_dtype)
     # One conversion per value, straight to the dot's type (fp8 and int8 are exact in float16).
     # Masked values load as 0 (`other=`): zeroing them after the load (tl.where) made the bf16
-    # kernel 20% slower at 64 x 4,096 tokens (H200). 8-bit payloads gain only with EIGHT_BIT's cap.
+    # kernel 20% slower at 64 x 4,096 tokens (H200).
     x = tl.load(payload_ptr + rows[:, None] * PAYLOAD_DIM + d[None, :], mask=mask, other=0)
-    if payload_ptr.dtype.element_ty == tl.uint8:  # fp8 passed as its bytes (int4 returned above)
-        x = x.to(tl.float8e4nv, bitcast=True)
+    if payload_ptr.dtype.element_ty == tl.uint8 or payload_ptr.dtype.element_ty == tl.int8:
+        x = _bytes_to_half(x)  # fp8 passes as its bytes (uint8); int4 returned above
     x = x.to(dot_dtype)
     if KIND == BLOCK_SCALED:
         step = _group_scales(scales_ptr, rows, valid, 0, TILE, DIM_ROWS, NUM_SCALES, NUM_SCALES, GROUP)
         x = tl.reshape(tl.reshape(x.to(tl.float32), (TILE, DIM_ROWS // GROUP, GROUP)) * step,
                        (TILE, DIM_ROWS)).to(dot_dtype)
     return x
+
+
+@triton.jit
+def _bytes_to_half(x):
+    """fp8 (e4m3, passed as uint8 bytes) or int8 values in float16, four at a time in inline
+    assembly: fp8 by Hopper's cvt instruction, int8 by byte permutes into 1024 + (x + 128) and one
+    subtraction (exact: float16 holds every integer up to 2048). As assembly the compiler converts
+    where the values are loaded, and the float16 tile reaches the tensor cores through ldmatrix
+    as a bf16 one does; a plain cast it moves past the shared-memory stage, where 8-bit values are
+    read a byte at a time (128 LDS.U8 per thread in the kernel's sm_90 SASS, none this way)."""
+    if _INTERPRETED:  # the interpreter runs no PTX
+        if x.dtype == tl.uint8:
+            x = x.to(tl.float8e4nv, bitcast=True)
+        return x.to(tl.float16)
+    if x.dtype == tl.uint8:
+        return tl.inline_asm_elementwise(
+            "{ .reg .b16 lo, hi; mov.b32 {lo, hi}, $2; cvt.rn.f16x2.e4m3x2 $0, lo; cvt.rn.f16x2.e4m3x2 $1, hi; }",
+            "=r,=r,r", [x], dtype=tl.float16, is_pure=False, pack=4)
+    return tl.inline_asm_elementwise(
+        "{ .reg .b32 u, a, b, c; xor.b32 u, $2, 0x80808080; prmt.b32 a, u, 0x64646464, 0x4140; "
+        "prmt.b32 b, u, 0x64646464, 0x4342; mov.b32 c, 0x64806480; sub.f16x2 $0, a, c; sub.f16x2 $1, b, c; }",
+        "=r,=r,r", [x], dtype=tl.float16, is_pure=False, pack=4)
 
 
 @triton.jit

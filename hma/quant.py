@@ -211,6 +211,11 @@ class PhaseLinear(nn.Module):
         if not keep_decode_weight and self.prefill is not None:
             self.weight = None
 
+    def float_weight_for(self, num_prefill_rows: int) -> torch.Tensor | None:
+        """The float weight if every row of a batch with num_prefill_rows prefill rows runs
+        through it (there is no 8-bit copy, or no prefill row), else None."""
+        return self.weight if self.prefill is None or num_prefill_rows == 0 else None
+
     def forward(self, x: torch.Tensor, num_prefill_rows: int) -> torch.Tensor:
         if self.prefill is None:
             return float_linear(x, self.weight)

@@ -155,7 +155,20 @@ class MLP(nn.Module):
         self.down_proj = PhaseLinear(config.intermediate_size, config.hidden_size)
 
     def forward(self, x: torch.Tensor, num_prefill_rows: int) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x, num_prefill_rows)), num_prefill_rows)
+        return self.down_proj(self.activated_gate_up(x, num_prefill_rows), num_prefill_rows)
+
+    def activated_gate_up(self, x: torch.Tensor, num_prefill_rows: int) -> torch.Tensor:
+        """silu_and_mul(gate_up_proj(x)). A decode step of one sequence on the GPU runs it as one
+        matrix-vector kernel (hma.matvec.gated_linear): at batch 1 a launch's fixed cost, not
+        its bytes, is what a small kernel costs."""
+        weight = self.gate_up_proj.float_weight_for(num_prefill_rows)
+        # input_amax's forward hooks must see the linear's input, and the one kernel skips the module
+        if x.is_cuda and weight is not None and not self.gate_up_proj._forward_hooks:
+            from hma import matvec  # Triton ships with CUDA builds of torch, not CPU ones
+
+            if matvec.fits(x, weight):
+                return matvec.gated_linear(x, weight)
+        return silu_and_mul(self.gate_up_proj(x, num_prefill_rows))
 
 
 class DecoderLayer(nn.Module):

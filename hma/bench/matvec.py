@@ -4,7 +4,8 @@
 For each Qwen3 shape, one row of x (a decode step of one sequence): a CUDA graph of one decoder
 linear over every layer's own weight (distinct tensors, so nothing stays in L2), then the chain
 of a layer's four linears (qkv, o, gate_up, down), each feeding the next, over all layers: the
-weight traffic of a decode step. Median of graph replays; bytes are the weights read.
+weight traffic of a decode step; then the layers as a step runs them, attention left out (the
+norms and SiLU-and-mul as kernels of their own, or SiLU-and-mul in gate_up's hma.matvec). Median of graph replays; bytes are the weights read.
 Outputs are checked against F.linear. `--sweep` also times every launch configuration and names
 the fastest per linear, which is how hma.matvec's picks were made.
 """
@@ -92,6 +93,40 @@ def bench_chain(layers: list[dict[str, torch.Tensor]], impls: dict[str, Linear],
     return out
 
 
+def bench_layers(layers: list[dict[str, torch.Tensor]], device: torch.device, replays: int) -> dict:
+    """Every layer as a decode step of one sequence runs it, attention left out: add + RMSNorm,
+    qkv, o (on q's slice), add + RMSNorm, gate_up, SiLU-and-mul, down, the norms and the
+    activation as kernels of their own (hma.layer_kernels) beside cuBLAS or hma.matvec; fused:
+    hma.matvec with SiLU-and-mul in gate_up's kernel (gated_linear), one launch a layer fewer."""
+    from hma import matvec, qwen3
+
+    dtype, hidden = layers[0]["qkv"].dtype, layers[0]["qkv"].shape[1]
+    q_size, eps = layers[0]["o"].shape[1], 1e-6
+    gen = torch.Generator(device).manual_seed(2)
+    x0, residual0 = (torch.randn(1, hidden, device=device, dtype=dtype, generator=gen) for _ in range(2))
+    norm = (torch.rand(hidden, device=device, generator=gen) + 0.5).to(dtype)
+
+    def layer_step(linear: Linear, activated_gate_up: Linear) -> Callable[[], torch.Tensor]:
+        def step() -> torch.Tensor:
+            x, residual = x0, residual0
+            for w in layers:
+                residual, h = qwen3.add_rms_norm(x, residual, norm, eps)
+                o = linear(linear(h, w["qkv"])[:, :q_size], w["o"])
+                residual, h = qwen3.add_rms_norm(o, residual, norm, eps)
+                x = linear(activated_gate_up(h, w["gate_up"]), w["down"])
+            return x
+        return step
+
+    steps = {"cublas": layer_step(F.linear, lambda x, w: qwen3.silu_and_mul(F.linear(x, w))),
+             "matvec": layer_step(matvec.linear, lambda x, w: qwen3.silu_and_mul(matvec.linear(x, w))),
+             "fused": layer_step(matvec.linear, matvec.gated_linear)}
+    want = steps["cublas"]()
+    out = {"bytes": sum(w.numel() * w.element_size() for layer in layers for w in layer.values())}
+    for name, step in steps.items():
+        out[name] = {"max_rel_diff": _rel_diff(step(), want), "seconds": graph_seconds(step, device, replays)}
+    return out
+
+
 def sweep_impls() -> dict[str, Linear]:
     """hma.matvec at every candidate launch: features per program, K per step, warps."""
     from hma import matvec
@@ -117,6 +152,7 @@ def bench_shape(config: ModelConfig, device: torch.device, dtype: torch.dtype,
         run = bench_linear([layer[name] for layer in layers], per_linear, device, replays)
         result["runs"].append({"linear": name, **run})
     result["runs"].append({"linear": "chain", **bench_chain(layers, impls, device, replays)})
+    result["runs"].append({"linear": "layer", **bench_layers(layers, device, replays)})
     return result
 
 
@@ -155,6 +191,12 @@ def print_table(out: dict) -> None:
                   f"{run['bytes'] / cublas['seconds'] / 1e12:>5.2f} {ours['seconds'] * 1e6:>10.1f} "
                   f"{run['bytes'] / ours['seconds'] / 1e12:>5.2f} {cublas['seconds'] / ours['seconds']:>8.2f} "
                   f"{ours['max_rel_diff']:>7.1e}")
+            if "fused" in run:
+                fused = run["fused"]
+                print(f"{'':>9} {'':>8} SiLU-and-mul in gate_up's hma.matvec: {fused['seconds'] * 1e6:.1f} us "
+                      f"({run['bytes'] / fused['seconds'] / 1e12:.2f} TB/s, "
+                      f"{cublas['seconds'] / fused['seconds']:.2f}x cuBLAS, "
+                      f"{ours['seconds'] / fused['seconds']:.2f}x matvec, diff {fused['max_rel_diff']:.1e})")
             swept = {k: v for k, v in run.items() if k.startswith("matvec ") and v["max_rel_diff"] < 0.02}
             if swept:
                 best = min(swept, key=lambda k: swept[k]["seconds"])
