@@ -87,11 +87,20 @@ def test_32_concurrent_requests_of_mixed_lengths_complete_and_free_their_blocks(
 
     with ThreadPoolExecutor(32) as pool:
         results = list(pool.map(complete, range(32)))
+    # Batched with others, a request's float32 matmuls round differently, which can move a value
+    # across an int8 KV rounding step and flip a near-tie greedy token late in a reply (on the CI
+    # machine of 2026-12-02, request 17's 9th token of 12: "The" where alone it is "It"). A
+    # transfer or block bug garbles replies from their first tokens, and many of them.
+    differ = []
     for i, (status, body) in enumerate(results):
         assert status == 200, body
         alone = single_process.generate(prompts[i], SamplingParams(max_tokens=max_tokens[i], temperature=0),
                                         use_tqdm=False)[0]
-        assert body["choices"][0]["text"] == alone.text, f"request {i}"
+        got = body["choices"][0]["text"]
+        if got != alone.text:
+            differ.append(i)
+            assert len(os.path.commonprefix([got, alone.text])) >= len(alone.text) // 2, f"request {i}"
+    assert len(differ) <= 2, f"requests {differ} differ from the single-process engine"
     assert _metric(cluster.url, "hma:kv_cache_free_blocks", "decode") == free_before
     assert _metric(cluster.url, "hma:num_requests_running", "decode") == 0
 

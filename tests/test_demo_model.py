@@ -67,10 +67,14 @@ def test_8bit_kv_greedy_output_mostly_equals_bf16_kv(demo_model_path):
 
 
 def test_low_precision_prefill_keeps_the_answer_likely(llm, demo_model_path):
-    """W8A8 prefill moves the reference answer's log-likelihood by under 1 nat. Measured here
-    (int8 KV): total -2.62 with bf16 prefill, fp8 -1.81, int8 -2.62, bfp8 -2.69; every token from
-    "capital" to "Paris" stays above -0.06. Greedy, only fp8 prefill keeps "The ..." as the
-    first token: the float model prefers "The" over "L" by 0.08 nats, a margin W8A8 noise flips."""
+    """W8A8 prefill costs the reference answer under 1 nat of log-likelihood. Measured (int8 KV):
+    total -2.62 with bf16 prefill, fp8 -1.81, int8 -2.62, bfp8 -2.69 on the CI machine of
+    2026-12-01, and -2.61, -1.57, -1.59, -2.84 on that of 12-02, where the previous day's code
+    gives the same and gguf 0.18 or transformers 5.23 for the newest change nothing (likely the
+    float32 matmuls round differently there and move W8A8's activation rounding). Nearly all of
+    it is the first token, "The", which the float model prefers over "L" by 0.08 nats, a margin
+    W8A8 noise moves either way (greedy, only fp8 prefill keeps "The ..."); every token from
+    "capital" to "Paris" stays above -0.06."""
     tok = llm.get_tokenizer()
     prompt = apply_chat_template(tok, [{"role": "user", "content": "What is the capital of France?"}])
     answer = tok("The capital of France is Paris.", add_special_tokens=False).input_ids
@@ -81,7 +85,8 @@ def test_low_precision_prefill_keeps_the_answer_likely(llm, demo_model_path):
         scores[mode] = Scorer(model, "int8").score([(prompt, [answer])])[0][0]
     model.use_prefill_precision("bf16")
     for mode in ("fp8", "int8", "bfp8"):
-        assert abs(scores[mode].sum() - scores["bf16"].sum()) < 1.0
+        assert scores[mode].sum() > scores["bf16"].sum() - 1.0
+        assert abs(scores[mode][1:].sum() - scores["bf16"][1:].sum()) < 0.5  # past the near-tie first token
         assert scores[mode][1:-1].min() > -0.1  # "capital of France is Paris"
     fp8 = LLM(str(demo_model_path), device="cpu", prefill_dtype="fp8", kv_dtype="int8",
               kv_memory_gb=0.05)
