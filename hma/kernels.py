@@ -27,28 +27,35 @@ from hma.kv_formats import AbsmaxFormat, BlockFloatFormat, CastFormat, Int4Forma
 # family (tl.constexpr, so the kernels may read them).
 CAST, ABSMAX, INT4, BLOCK_SCALED = (tl.constexpr(i) for i in range(4))
 MIN_GROUP_ROWS = 16        # tl.dot wants at least 16 rows: the query heads of a group are padded
-MAX_PARTITION = 1024       # tokens per split at most, so long sequences spread over the GPU
+MAX_PARTITION = 1024       # tokens per split at most (the default), so long sequences spread over the GPU
 _INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 
 
 @dataclass(frozen=True, slots=True)
 class DecodeConfig:
     """The attention kernel's launch: tokens per loop iteration, warps, software-pipeline stages,
-    and a cap on registers per thread (None: the compiler's choice). The defaults won a sweep on an
-    H100 and stay within 1-3% of the best for bf16 and int4 on an H200 (`python -m hma bench attention`);
-    8-bit payloads take `EIGHT_BIT` (for_format)."""
+    a cap on registers per thread (None: the compiler's choice), the most tokens one program
+    takes of a sequence (choose_partition), and whether 8-bit K converts in registers (_load_tile).
+    The defaults won a sweep on an H100 and stay within 1-3% of the best for bf16 and int4 on an
+    H200 (`python -m hma bench attention`); 8-bit payloads take `EIGHT_BIT` (for_format)."""
 
     tile: int = 128
     num_warps: int = 4
     num_stages: int = 3
     max_registers: int | None = None
+    max_partition: int = MAX_PARTITION
+    k_in_registers: bool = False
 
 
-# 8-bit payloads convert to float16 in inline assembly (_bytes_to_half), which takes fewer
-# registers than the plain cast did; uncapped, two pipeline stages were fastest for both, fp8 at
-# 64 x 4,096 tokens in 285 us and int8 in 286 (H200, `python -m hma bench attention`), against
-# 302 and 312 with the plain cast and its best launch, 128 registers. bf16 keeps three stages.
-EIGHT_BIT = DecodeConfig(num_stages=2)
+# 8-bit payloads: K converts in registers and V in inline assembly (_load_tile), two pipeline
+# stages, sequences split at 512 tokens (an 8-bit tile is half a bf16 one, so twice the programs
+# keep as many bytes in flight). With its scales prefetched (below) a one-off Nsight Compute run
+# found the fp8 kernel bound by shared memory (L1 77% busy, DRAM 46%); converting K in registers
+# saves K's float16 round trip through shared memory. One layer at 64 x 4,096 tokens, H200
+# (`python -m hma bench attention`): fp8 212 us, int8 232, against 260 with K converted in
+# assembly and bf16's 277.
+EIGHT_BIT = DecodeConfig(num_stages=2, max_partition=512, k_in_registers=True)
+
 
 def for_format(fmt: KVFormat) -> DecodeConfig:
     """The default launch for a KV format's payload."""
@@ -71,7 +78,8 @@ def family(fmt: KVFormat) -> tuple[int, int]:
 @triton.jit
 def _load_tile(payload_ptr, scales_ptr, rows, valid, d, dot_dtype: tl.constexpr, KIND: tl.constexpr,
                HEAD_DIM: tl.constexpr, PAYLOAD_DIM: tl.constexpr, NUM_SCALES: tl.constexpr,
-               GROUP: tl.constexpr, TILE: tl.constexpr, DIM_ROWS: tl.constexpr):
+               GROUP: tl.constexpr, TILE: tl.constexpr, DIM_ROWS: tl.constexpr,
+               IN_REGISTERS: tl.constexpr):
     """(tokens, head_dim) values of the (token, head) rows in dot_dtype; ABSMAX rows stay unscaled
     (their one scale per token is applied to scores and probabilities instead)."""
     mask = valid[:, None] & (d < HEAD_DIM)[None, :]
@@ -92,7 +100,15 @@ def _load_tile(payload_ptr, scales_ptr, rows, valid, d, dot_dtype: tl.constexpr,
     # kernel 20% slower at 64 x 4,096 tokens (H200).
     x = tl.load(payload_ptr + rows[:, None] * PAYLOAD_DIM + d[None, :], mask=mask, other=0)
     if payload_ptr.dtype.element_ty == tl.uint8 or payload_ptr.dtype.element_ty == tl.int8:
-        x = _bytes_to_half(x)  # fp8 passes as its bytes (uint8); int4 returned above
+        # fp8 passes as its bytes (uint8); int4 returned above. K's bytes run along head_dim, the
+        # dot's contraction axis, so a plain cast lets the compiler read them from shared memory
+        # in the tensor cores' operand layout, 8 bytes a load, and convert in registers. V's
+        # contraction axis is the tokens, across rows: a plain cast reads it a byte at a time, so
+        # V converts in assembly and reaches the dot as a float16 tile through shared memory.
+        if IN_REGISTERS:
+            x = _cast_to_half(x)
+        else:
+            x = _bytes_to_half(x)
     x = x.to(dot_dtype)
     if KIND == BLOCK_SCALED:
         step = _group_scales(scales_ptr, rows, valid, 0, TILE, DIM_ROWS, NUM_SCALES, NUM_SCALES, GROUP)
@@ -102,17 +118,24 @@ def _load_tile(payload_ptr, scales_ptr, rows, valid, d, dot_dtype: tl.constexpr,
 
 
 @triton.jit
+def _cast_to_half(x):
+    """fp8 (e4m3, passed as uint8 bytes) or int8 values in float16, by a plain cast."""
+    if x.dtype == tl.uint8:
+        x = x.to(tl.float8e4nv, bitcast=True)
+    return x.to(tl.float16)
+
+
+@triton.jit
 def _bytes_to_half(x):
     """fp8 (e4m3, passed as uint8 bytes) or int8 values in float16, four at a time in inline
     assembly: fp8 by Hopper's cvt instruction, int8 by byte permutes into 1024 + (x + 128) and one
     subtraction (exact: float16 holds every integer up to 2048). As assembly the compiler converts
     where the values are loaded, and the float16 tile reaches the tensor cores through ldmatrix
-    as a bf16 one does; a plain cast it moves past the shared-memory stage, where 8-bit values are
-    read a byte at a time (128 LDS.U8 per thread in the kernel's sm_90 SASS, none this way)."""
+    as a bf16 one does; a plain cast it moves past the shared-memory stage, where V's 8-bit values
+    are read a byte at a time (128 LDS.U8 per thread in the kernel's sm_90 SASS, none this way).
+    K takes the plain cast (_load_tile says why)."""
     if _INTERPRETED:  # the interpreter runs no PTX
-        if x.dtype == tl.uint8:
-            x = x.to(tl.float8e4nv, bitcast=True)
-        return x.to(tl.float16)
+        return _cast_to_half(x)
     if x.dtype == tl.uint8:
         return tl.inline_asm_elementwise(
             "{ .reg .b16 lo, hi; mov.b32 {lo, hi}, $2; cvt.rn.f16x2.e4m3x2 $0, lo; cvt.rn.f16x2.e4m3x2 $1, hi; }",
@@ -135,32 +158,54 @@ def _group_scales(scales_ptr, rows, valid, first, TILE: tl.constexpr, DIM_ROWS: 
 
 
 @triton.jit
-def _attend_tile(tile_start, end, q, running_max, running_sum, acc, k_ptr, k_scales_ptr, v_ptr,
-                 v_scales_ptr, tables_ptr, seq, kv_head, table_stride, d,
-                 NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, PAYLOAD_DIM: tl.constexpr,
-                 NUM_SCALES: tl.constexpr, BLOCK_SIZE: tl.constexpr, KIND: tl.constexpr,
-                 GROUP: tl.constexpr, TILE: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """One online-softmax step over tokens [tile_start, tile_start + TILE) of the sequence."""
+def _tile_rows(tile_start, end, tables_ptr, seq, kv_head, table_stride, NUM_KV_HEADS: tl.constexpr,
+               BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr):
+    """Pool rows of tokens [tile_start, tile_start + TILE) of the sequence, and which are valid."""
     t = tile_start + tl.arange(0, TILE)
     valid = t < end
     block = tl.load(tables_ptr + seq * table_stride + t // BLOCK_SIZE, mask=valid, other=0)
-    rows = ((block * BLOCK_SIZE + t % BLOCK_SIZE) * NUM_KV_HEADS + kv_head).to(tl.int64)
+    return ((block * BLOCK_SIZE + t % BLOCK_SIZE) * NUM_KV_HEADS + kv_head).to(tl.int64), valid
+
+
+@triton.jit
+def _tile_scales(tile_start, end, tables_ptr, k_scales_ptr, v_scales_ptr, seq, kv_head, table_stride,
+                 NUM_KV_HEADS: tl.constexpr, BLOCK_SIZE: tl.constexpr, KIND: tl.constexpr, TILE: tl.constexpr):
+    """The K and V scales (float32) of a tile's tokens for ABSMAX formats; ones otherwise."""
+    if KIND == ABSMAX:
+        rows, valid = _tile_rows(tile_start, end, tables_ptr, seq, kv_head, table_stride, NUM_KV_HEADS,
+                                 BLOCK_SIZE, TILE)
+        return (tl.load(k_scales_ptr + rows, mask=valid, other=0).to(tl.float32),
+                tl.load(v_scales_ptr + rows, mask=valid, other=0).to(tl.float32))
+    ones = tl.full((TILE,), 1.0, tl.float32)
+    return ones, ones
+
+
+@triton.jit
+def _attend_tile(tile_start, end, k_scale, v_scale, q, running_max, running_sum, acc, k_ptr, k_scales_ptr,
+                 v_ptr, v_scales_ptr, tables_ptr, seq, kv_head, table_stride, d,
+                 NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, PAYLOAD_DIM: tl.constexpr,
+                 NUM_SCALES: tl.constexpr, BLOCK_SIZE: tl.constexpr, KIND: tl.constexpr,
+                 GROUP: tl.constexpr, TILE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                 K_IN_REGISTERS: tl.constexpr):
+    """One online-softmax step over tokens [tile_start, tile_start + TILE) of the sequence
+    (k_scale, v_scale: _tile_scales of the same tokens)."""
+    rows, valid = _tile_rows(tile_start, end, tables_ptr, seq, kv_head, table_stride, NUM_KV_HEADS,
+                             BLOCK_SIZE, TILE)
     k = _load_tile(k_ptr, k_scales_ptr, rows, valid, d, q.dtype, KIND, HEAD_DIM, PAYLOAD_DIM, NUM_SCALES,
-                   GROUP, TILE, d.shape[0])
+                   GROUP, TILE, d.shape[0], K_IN_REGISTERS)
     scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # (GROUP_ROWS, TILE), q carries the scale
     if KIND == ABSMAX:
-        scores = scores * tl.load(k_scales_ptr + rows, mask=valid, other=0).to(tl.float32)[None, :]
+        scores = scores * k_scale[None, :]
     scores = tl.where(valid[None, :], scores, float("-inf"))
     new_max = tl.maximum(running_max, tl.max(scores, axis=1))
     rescale = tl.exp(running_max - new_max)
     p = tl.exp(scores - new_max[:, None])
     running_sum = running_sum * rescale + tl.sum(p, axis=1)
     v = _load_tile(v_ptr, v_scales_ptr, rows, valid, d, q.dtype, KIND, HEAD_DIM, PAYLOAD_DIM, NUM_SCALES,
-                   GROUP, TILE, d.shape[0])
+                   GROUP, TILE, d.shape[0], False)
     if KIND == ABSMAX:
         # p * s_t would underflow float16 for small scales: scale by s_t / (the tile's largest s),
         # which stays in [0, 1], and multiply that largest s back into the sum.
-        v_scale = tl.load(v_scales_ptr + rows, mask=valid, other=0).to(tl.float32)
         tile_scale = tl.maximum(tl.max(v_scale, axis=0), 1e-30)
         pv = tl.dot((p * (v_scale / tile_scale)[None, :]).to(q.dtype), v, input_precision=DOT_PRECISION)
         acc = acc * rescale[:, None] + pv * tile_scale
@@ -186,7 +231,8 @@ def _paged_decode_kernel(
         PAYLOAD_DIM: tl.constexpr, NUM_SCALES: tl.constexpr, BLOCK_SIZE: tl.constexpr,
         KIND: tl.constexpr, GROUP: tl.constexpr, GROUP_ROWS: tl.constexpr, DIM_ROWS: tl.constexpr,
         TILE: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-        PARTITION: tl.constexpr, IS_SPLIT: tl.constexpr, INTERPRETED: tl.constexpr):
+        PARTITION: tl.constexpr, IS_SPLIT: tl.constexpr, INTERPRETED: tl.constexpr,
+        K_IN_REGISTERS: tl.constexpr):
     seq, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq).to(tl.int32)
     g = tl.arange(0, GROUP_ROWS)
@@ -204,20 +250,33 @@ def _paged_decode_kernel(
     acc = tl.zeros((GROUP_ROWS, DIM_ROWS), tl.float32)
     start = split * PARTITION
     end = tl.minimum(start + PARTITION, seq_len)
+    # Each tile's ABSMAX scales load one tile ahead, while the tile before computes: the compiler's
+    # pipelining prefetches the payload tiles (they feed the dots) but not these small loads, whose
+    # latency every tile waited for. The rows stay computed inside the step, so bf16 compiles as
+    # before: prefetching them too was 3% faster for fp8 but changed bf16's pipelining and lost
+    # up to 8% there (H200, one-off sweep).
+    k_scale, v_scale = _tile_scales(start, end, tables_ptr, k_scales_ptr, v_scales_ptr, seq, kv_head,
+                                    table_stride, NUM_KV_HEADS, BLOCK_SIZE, KIND, TILE)
     if INTERPRETED:  # Triton 3.6's interpreter cannot range() over tensor bounds
         tile_start = start
         while tile_start < end:
+            k_next, v_next = _tile_scales(tile_start + TILE, end, tables_ptr, k_scales_ptr, v_scales_ptr, seq,
+                                          kv_head, table_stride, NUM_KV_HEADS, BLOCK_SIZE, KIND, TILE)
             running_max, running_sum, acc = _attend_tile(
-                tile_start, end, q, running_max, running_sum, acc, k_ptr, k_scales_ptr, v_ptr,
-                v_scales_ptr, tables_ptr, seq, kv_head, table_stride, d, NUM_KV_HEADS, HEAD_DIM,
-                PAYLOAD_DIM, NUM_SCALES, BLOCK_SIZE, KIND, GROUP, TILE, DOT_PRECISION)
+                tile_start, end, k_scale, v_scale, q, running_max, running_sum, acc, k_ptr, k_scales_ptr,
+                v_ptr, v_scales_ptr, tables_ptr, seq, kv_head, table_stride, d, NUM_KV_HEADS, HEAD_DIM,
+                PAYLOAD_DIM, NUM_SCALES, BLOCK_SIZE, KIND, GROUP, TILE, DOT_PRECISION, K_IN_REGISTERS)
+            k_scale, v_scale = k_next, v_next
             tile_start += TILE
     else:  # a for loop, which the compiler software-pipelines: the next tile loads during this one
         for tile_start in range(start, end, TILE):
+            k_next, v_next = _tile_scales(tile_start + TILE, end, tables_ptr, k_scales_ptr, v_scales_ptr, seq,
+                                          kv_head, table_stride, NUM_KV_HEADS, BLOCK_SIZE, KIND, TILE)
             running_max, running_sum, acc = _attend_tile(
-                tile_start, end, q, running_max, running_sum, acc, k_ptr, k_scales_ptr, v_ptr,
-                v_scales_ptr, tables_ptr, seq, kv_head, table_stride, d, NUM_KV_HEADS, HEAD_DIM,
-                PAYLOAD_DIM, NUM_SCALES, BLOCK_SIZE, KIND, GROUP, TILE, DOT_PRECISION)
+                tile_start, end, k_scale, v_scale, q, running_max, running_sum, acc, k_ptr, k_scales_ptr,
+                v_ptr, v_scales_ptr, tables_ptr, seq, kv_head, table_stride, d, NUM_KV_HEADS, HEAD_DIM,
+                PAYLOAD_DIM, NUM_SCALES, BLOCK_SIZE, KIND, GROUP, TILE, DOT_PRECISION, K_IN_REGISTERS)
+            k_scale, v_scale = k_next, v_next
 
     if not IS_SPLIT:
         out = acc / tl.where(running_sum > 0, running_sum, 1.0)[:, None]
@@ -269,12 +328,13 @@ def _num_sms(device: torch.device) -> int:
 
 
 def choose_partition(num_seqs: int, num_kv_heads: int, max_len: int, device: torch.device,
-                     tile: int = DecodeConfig().tile) -> int:
+                     config: DecodeConfig | None = None) -> int:
     """Tokens per split: enough splits for about two programs per SM, tiles whole, at most
-    MAX_PARTITION. Depends on shapes only (no sync), so a CUDA graph can fix it at capture."""
+    config.max_partition. Depends on shapes only (no sync), so a CUDA graph can fix it at capture."""
+    config = config or DecodeConfig()
     wanted_splits = -(-2 * _num_sms(device) // (num_seqs * num_kv_heads))
     partition = triton.next_power_of_2(max(1, -(-max_len // wanted_splits)))
-    return min(MAX_PARTITION, max(tile, partition))
+    return min(config.max_partition, max(config.tile, partition))
 
 
 def paged_decode_attention(q: torch.Tensor, cache: LayerKV, block_tables: torch.Tensor,
@@ -288,7 +348,7 @@ def paged_decode_attention(q: torch.Tensor, cache: LayerKV, block_tables: torch.
     _, block_size, num_kv_heads, payload_dim = cache.k.shape
     kind, group = family(cache.format)
     max_len = block_tables.shape[1] * block_size
-    partition = partition or choose_partition(num_seqs, num_kv_heads, max_len, q.device, config.tile)
+    partition = partition or choose_partition(num_seqs, num_kv_heads, max_len, q.device, config)
     num_splits = -(-max_len // partition)
     dim_rows = max(16, triton.next_power_of_2(head_dim))  # tl.dot wants power-of-two sides of 16+
     q = q.contiguous()
@@ -313,7 +373,8 @@ def paged_decode_attention(q: torch.Tensor, cache: LayerKV, block_tables: torch.
         DIM_ROWS=dim_rows, TILE=config.tile, PARTITION=partition, IS_SPLIT=num_splits > 1,
         # float32 models (the tests' reference runs) get full-precision dots, not TF32
         DOT_DTYPE=_dot_dtype(q.dtype, kind), DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        INTERPRETED=os.environ.get("TRITON_INTERPRET") == "1", num_warps=config.num_warps,
+        INTERPRETED=os.environ.get("TRITON_INTERPRET") == "1", K_IN_REGISTERS=config.k_in_registers,
+        num_warps=config.num_warps,
         num_stages=config.num_stages, **({"maxnreg": config.max_registers} if config.max_registers else {}))
     if num_splits > 1:
         triton_launch(
@@ -329,8 +390,9 @@ def warm_up_decode(cache: LayerKV, num_heads: int, head_dim: int, max_len: int, 
     device, block_size = cache.k.device, cache.k.shape[1]
     q = torch.zeros(1, num_heads, head_dim, dtype=dtype, device=device)
     seq_lens = torch.ones(1, dtype=torch.long, device=device)
-    launches, partition = 0, DecodeConfig().tile
-    while partition <= MAX_PARTITION:
+    config = for_format(cache.format)
+    launches, partition = 0, config.tile
+    while partition <= config.max_partition:
         splits = 1
         while True:
             blocks = -(-min(splits * partition, max(max_len, partition)) // block_size)

@@ -21,6 +21,9 @@ def test_fastest_skips_failed_and_wrong_configs():
 def test_sweep_times_every_config_and_checks_its_output():
     configs = candidates([32, 64], [4], [2], [0, 128])
     assert configs[:2] == [DecodeConfig(32, 4, 2), DecodeConfig(32, 4, 2, 128)]
+    assert candidates([64], [4], [2], [0], [256, 512]) == [DecodeConfig(64, 4, 2, None, p) for p in (256, 512)]
+    assert candidates([64], [4], [2], [0], [512], [0, 1]) == [DecodeConfig(64, 4, 2, None, 512, k)
+                                                             for k in (False, True)]
     rows = sweep("int8", configs, batch=2, context=64, device=torch.device("cpu"), rep_ms=1)
     assert [DecodeConfig(r["tile"], r["num_warps"], r["num_stages"], r["max_registers"]) for r in rows] == configs
     assert all(r["seconds"] > 0 and r["max_rel_diff"] < 0.02 for r in rows)
@@ -31,3 +34,10 @@ def test_sweep_times_every_config_and_checks_its_output():
 def test_attention_benchmark_refuses_to_run_without_a_gpu():
     with pytest.raises(SystemExit, match="needs --device cuda"):
         main(["--device", "cpu"])
+
+
+def test_sweep_places_the_k_conversion_only_for_8_bit_payloads():
+    configs = candidates([64], [4], [2], [0], [512], [0, 1])
+    assert len(sweep("fp16", configs, batch=1, context=32, device=torch.device("cpu"), rep_ms=1)) == 1
+    rows = sweep("fp8", configs, batch=1, context=32, device=torch.device("cpu"), rep_ms=1)
+    assert [r["k_in_registers"] for r in rows] == [False, True]

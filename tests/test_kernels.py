@@ -1,11 +1,13 @@
 """Each Triton kernel against its PyTorch reference (on CPU through Triton's interpreter)."""
 
+import dataclasses
+
 import pytest
 import torch
 
 from hma import kernels, quant_kernels
 from hma.attention import decode_reference, write_kv_reference
-from hma.kernels import choose_partition, paged_decode_attention
+from hma.kernels import DecodeConfig, choose_partition, paged_decode_attention
 from hma.quant_kernels import can_write_kv
 from hma.kv_cache import LayerKV
 from hma.kv_formats import KV_FORMATS, get_kv_format
@@ -50,15 +52,25 @@ def test_fused_decode_attention_in_half_precision_stays_close_to_the_reference(n
     _check_against_reference(name, 64, HEAD_DIM, HALF, tolerance=2e-2)
 
 
+@pytest.mark.parametrize("name", ["fp8", "int8"])
+@pytest.mark.parametrize("in_registers", [True, False], ids=["k-in-registers", "k-in-assembly"])
+def test_8_bit_k_converts_in_registers_or_in_assembly_to_the_same_attention(name, in_registers):
+    """Both places 8-bit K can become float16 (on a GPU: a plain cast the compiler does in
+    registers, or inline PTX before shared memory) give the reference's attention."""
+    config = dataclasses.replace(kernels.EIGHT_BIT, k_in_registers=in_registers)
+    _check_against_reference(name, 64, HEAD_DIM, HALF, tolerance=2e-2, config=config)
+
+
 def _check_against_reference(name: str, partition: int | None, head_dim: int,
-                             dtype: torch.dtype = torch.float32, tolerance: float = 2e-5) -> None:
+                             dtype: torch.dtype = torch.float32, tolerance: float = 2e-5,
+                             config: DecodeConfig | None = None) -> None:
     gen = torch.Generator().manual_seed(1)
     seq_lens = [150, 1, 64, 97]  # several splits, one token, exactly one tile
     layer, tables = _filled_layer(name, seq_lens, gen, dtype, head_dim)
     q = torch.randn(len(seq_lens), HEADS, head_dim, generator=gen).to(DEVICE, dtype)
     lens = torch.tensor(seq_lens, device=DEVICE)
     expected = decode_reference(q, layer, tables, lens, head_dim ** -0.5)
-    got = paged_decode_attention(q, layer, tables, lens, head_dim ** -0.5, partition)
+    got = paged_decode_attention(q, layer, tables, lens, head_dim ** -0.5, partition, config)
     torch.testing.assert_close(got.float(), expected.float(), atol=tolerance, rtol=5 * tolerance)
 
 
@@ -77,6 +89,7 @@ def test_partition_spreads_short_batches_and_caps_long_ones():
     one_seq = choose_partition(1, 2, 4096, device)
     assert 4096 // one_seq > 1  # one sequence still gets several programs
     assert choose_partition(512, 8, 1 << 16, device) == 1024
+    assert choose_partition(512, 8, 1 << 16, device, DecodeConfig(max_partition=512)) == 512
 
 
 COMPILE_FOR_HOPPER = r'''
@@ -181,9 +194,11 @@ def test_decode_warm_up_meets_every_partition_and_merge_width_and_leaves_the_cac
     gen = torch.Generator().manual_seed(2)
     layer, _ = _filled_layer("int8", [20], gen, torch.float32)
     before = [t.clone() for t in layer.tensors]
-    # partition 128: one split and two; 256, 512 and 1,024: one split each
-    assert kernels.warm_up_decode(layer, HEADS, HEAD_DIM, 256, torch.float32) == 5
+    # 8-bit payloads split at 512 tokens at most: partition 128, one split and two; 256 and 512, one each
+    assert kernels.warm_up_decode(layer, HEADS, HEAD_DIM, 256, torch.float32) == 4
     assert all(torch.equal(a, b) for a, b in zip(before, layer.tensors))
+    bf16, _ = _filled_layer("bf16", [20], gen, torch.float32)
+    assert kernels.warm_up_decode(bf16, HEADS, HEAD_DIM, 256, torch.float32) == 5  # and 1,024
 
 
 def test_every_decode_launch_of_an_eager_step_was_made_by_the_warm_up(monkeypatch):
@@ -233,9 +248,9 @@ def test_eager_decode_of_new_widths_and_row_offsets_compiles_nothing_after_the_w
 
 @pytest.mark.parametrize("name", ["bf16", "fp8", "int8", "int4"])
 def test_8_bit_payloads_launch_with_two_stages_and_fp8_as_its_bytes(monkeypatch, name):
-    """8-bit KV launches with EIGHT_BIT's two pipeline stages, the rest with three, none with a
-    register cap; fp8 payloads reach the kernel as uint8 views of the same memory, so masked
-    values can load as 0."""
+    """8-bit KV launches with EIGHT_BIT's two pipeline stages and K converted in registers, the
+    rest with three, none with a register cap; fp8 payloads reach the kernel as uint8 views of
+    the same memory, so masked values can load as 0."""
     launches = []
     monkeypatch.setattr(kernels, "triton_launch", lambda kernel, grid, *args, **constexprs: launches.append(
         (kernel, args, constexprs)))
@@ -246,6 +261,7 @@ def test_8_bit_payloads_launch_with_two_stages_and_fp8_as_its_bytes(monkeypatch,
     eight_bit = name in ("fp8", "int8")
     assert "maxnreg" not in constexprs
     assert constexprs["num_stages"] == (2 if eight_bit else 3)
+    assert constexprs["K_IN_REGISTERS"] == eight_bit
     k, v = args[1], args[3]
     assert k.data_ptr() == layer.k.data_ptr() and v.data_ptr() == layer.v.data_ptr()
     assert k.dtype == (torch.uint8 if name == "fp8" else layer.k.dtype)

@@ -3,7 +3,8 @@
 `python -m hma bench attention --device cuda --json attention.json`
 One layer of a Qwen3 shape (8 KV heads, 32 query heads, head_dim 128), batch x context tokens
 in shuffled blocks, one decode query per sequence. For each KV format and each configuration
-(tokens per tile, warps, software-pipeline stages, register cap) it
+(tokens per tile, warps, software-pipeline stages, register cap, most tokens per split, where
+8-bit K converts) it
 reports the median kernel time and the bytes read per second (payload and scales) against the
 GPU's copy bandwidth measured in the same run, checks every output against the kernel's default
 configuration, and names the fastest per format (`kernels.for_format` holds the picks).
@@ -26,18 +27,19 @@ from hma.bench import write_json
 from hma.bench.speed import copy_bytes_per_s, machine_name, median_seconds
 from hma.kernels import DecodeConfig
 from hma.kv_cache import LayerKV
-from hma.kv_formats import get_kv_format
+from hma.kv_formats import AbsmaxFormat, get_kv_format
 from hma.loading import resolve_device
 
 BLOCK_SIZE = 16
 FILL_TOKENS = 1 << 16  # tokens written per call while filling the pools
 
 
-def candidates(tiles: list[int], warps: list[int], stages: list[int],
-               registers: list[int] | None = None) -> list[DecodeConfig]:
-    """Every combination of the given tiles, warps, stages and register caps (0: none)."""
-    return [DecodeConfig(t, w, s, r or None)
-            for t, w, s, r in itertools.product(tiles, warps, stages, registers or [0])]
+def candidates(tiles: list[int], warps: list[int], stages: list[int], registers: list[int] | None = None,
+               partitions: list[int] | None = None, k_in_registers: list[int] | None = None) -> list[DecodeConfig]:
+    """Every combination of the given tiles, warps, stages, register caps (0: none), most tokens
+    per split and 8-bit K conversions (1: in registers)."""
+    return [DecodeConfig(t, w, s, r or None, p, bool(k)) for t, w, s, r, p, k in itertools.product(
+        tiles, warps, stages, registers or [0], partitions or [kernels.MAX_PARTITION], k_in_registers or [0])]
 
 
 def filled_layer(kv_dtype: str, num_tokens: int, num_kv_heads: int, head_dim: int,
@@ -66,6 +68,8 @@ def sweep(kv_dtype: str, configs: list[DecodeConfig], batch: int, context: int, 
     expected = run(kernels.for_format(layer.format)).float()
     rows = []
     for config in configs:
+        if config.k_in_registers and not isinstance(layer.format, AbsmaxFormat):
+            continue  # only 8-bit K has a conversion to place
         try:
             # relative to the largest output: rounding moves it ~1%, dropping one tile of 4,096 tokens ~20%
             error = ((run(config).float() - expected).abs().max() / expected.abs().max()).item()
@@ -110,6 +114,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--warps", default="4,8")
     parser.add_argument("--stages", default="2,3")
     parser.add_argument("--max-registers", default="0,128", help="caps on registers per thread; 0: none")
+    parser.add_argument("--max-partitions", default="1024", help="most tokens of a sequence per program")
+    parser.add_argument("--k-in-registers", default="0,1", help="8-bit K converted in registers (1) or not (0)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--rep-ms", type=float, default=40.0, help="GPU time spent timing each config")
     parser.add_argument("--json", type=Path, default=None)
@@ -119,7 +125,8 @@ def main(argv: list[str] | None = None) -> dict:
     if device.type != "cuda":
         raise SystemExit("bench attention times a GPU kernel: it needs --device cuda")
     copy = copy_bytes_per_s(device, 10)
-    configs = candidates(ints(args.tiles), ints(args.warps), ints(args.stages), ints(args.max_registers))
+    configs = candidates(ints(args.tiles), ints(args.warps), ints(args.stages), ints(args.max_registers),
+                         ints(args.max_partitions), ints(args.k_in_registers))
     rows, best = [], {}
     for kv_dtype in args.kv_dtypes.split(","):
         found = sweep(kv_dtype, configs, args.batch_size, args.context, device, args.rep_ms)
@@ -138,10 +145,12 @@ def main(argv: list[str] | None = None) -> dict:
 def _print(out: dict) -> None:
     print(f"decode attention, one layer, {out['batch_size']} x {out['context']} tokens, {out['machine']}; "
           f"copy {out['copy_bytes_per_s'] / 1e12:.2f} TB/s")
-    print(f"{'kv':>5} {'tile':>4} {'warps':>5} {'stages':>6} {'regs':>5} {'us':>8} {'TB/s':>6} {'x copy':>6}")
+    print(f"{'kv':>5} {'tile':>4} {'warps':>5} {'stages':>6} {'regs':>5} {'split':>5} {'k reg':>5} {'us':>8} "
+          f"{'TB/s':>6} {'x copy':>6}")
     for r in out["rows"]:
         head = (f"{r['kv_dtype']:>5} {r['tile']:>4} {r['num_warps']:>5} {r['num_stages']:>6} "
-                f"{r.get('max_registers') or '-':>5}")
+                f"{r.get('max_registers') or '-':>5} {r.get('max_partition', kernels.MAX_PARTITION):>5} "
+                f"{'yes' if r.get('k_in_registers') else 'no':>5}")
         if "failed" in r:
             print(f"{head}  failed: {r['failed']}")
             continue
