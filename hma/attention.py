@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from hma.batch import Batch
 from hma.fusion import gpu_fused
-from hma.kv_cache import LayerKV, write_slots
+from hma.kv_cache import LayerKV
 from hma.kv_formats import KVFormat
 
 
@@ -45,7 +45,14 @@ def quantize_kv(k: torch.Tensor, v: torch.Tensor, fmt: KVFormat) -> tuple[torch.
 def store_kv(cache: LayerKV, tensors: tuple[torch.Tensor, ...], slot_mapping: torch.Tensor) -> None:
     """Copies already-quantized (k, k_scales, v, v_scales), one row per token, to their slots."""
     for pool, t in zip(cache.tensors, tensors):
-        write_slots(pool, slot_mapping, t)
+        # flatten of a contiguous pool is a view, so index_copy_ writes the pool itself
+        _copyable(pool).flatten(0, 1).index_copy_(0, slot_mapping, _copyable(t.to(pool.device)))
+
+
+def _copyable(t: torch.Tensor) -> torch.Tensor:
+    """t, or its bytes as uint8 where index_copy_ cannot take its dtype."""
+    # index_copy_ has no float8 kernel on the CPU; the same bytes viewed as uint8 copy fine.
+    return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
 
 
 def gather_kv(cache: LayerKV, block_tables: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

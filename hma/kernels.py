@@ -13,7 +13,6 @@ quant_kernels.py. With TRITON_INTERPRET=1 the same kernels run on CPU tensors, w
 from __future__ import annotations
 
 import functools
-import math
 import os
 from dataclasses import dataclass
 
@@ -159,46 +158,13 @@ def _group_scales(scales_ptr, rows, valid, first, TILE: tl.constexpr, DIM_ROWS: 
 
 
 @triton.jit
-def _tile_blocks(tile_start, end, tables_ptr, seq, table_stride, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr,
-                 WHOLE_BLOCKS: tl.constexpr):
-    """(block, offset in it, valid) of tokens [tile_start, tile_start + TILE) of the sequence.
-    WHOLE_BLOCKS: every token of a block that holds a valid one gets that block (not just the
-    valid ones), so a head_dim-major V tile reads whole runs of a block (_load_v_dim_major)."""
-    t = tile_start + tl.arange(0, TILE)
-    valid = t < end
-    within = t % BLOCK_SIZE
-    in_table = (t // BLOCK_SIZE) * BLOCK_SIZE < end if WHOLE_BLOCKS else valid
-    block = tl.load(tables_ptr + seq * table_stride + t // BLOCK_SIZE, mask=in_table, other=0)
-    return block, within, valid, in_table
-
-
-@triton.jit
 def _tile_rows(tile_start, end, tables_ptr, seq, kv_head, table_stride, NUM_KV_HEADS: tl.constexpr,
                BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr):
     """Pool rows of tokens [tile_start, tile_start + TILE) of the sequence, and which are valid."""
-    block, within, valid, _ = _tile_blocks(tile_start, end, tables_ptr, seq, table_stride, BLOCK_SIZE, TILE, False)
-    return ((block * BLOCK_SIZE + within) * NUM_KV_HEADS + kv_head).to(tl.int64), valid
-
-
-@triton.jit
-def _load_v_dim_major(v_ptr, block, within, in_table, kv_head, d, NUM_KV_HEADS: tl.constexpr,
-                      HEAD_DIM: tl.constexpr, PAYLOAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                      RUN: tl.constexpr):
-    """(tokens, head_dim) V payload of a tile from a head_dim-major pool (kv_cache), 8-bit values
-    in float16, unscaled (as _load_tile leaves ABSMAX rows). Tokens run contiguous there, along p.V's contraction axis, so a plain cast lets the compiler
-    read the bytes in the tensor cores' operand layout and convert in registers, as for K. Tokens
-    past the sequence's end but inside its last block load too: their probabilities are 0."""
-    at = (block.to(tl.int64) * (BLOCK_SIZE * NUM_KV_HEADS * PAYLOAD_DIM) + kv_head * (PAYLOAD_DIM * BLOCK_SIZE)
-          + within)[:, None] + d[None, :] * BLOCK_SIZE
-    mask = in_table[:, None] & (d < HEAD_DIM)[None, :]
-    # Runs of RUN tokens (v_run) are contiguous and aligned, and wholly valid or wholly not: the
-    # compiler cannot see that through the block table's load, and without it loads byte by byte.
-    at = tl.max_contiguous(tl.multiple_of(at, [RUN, 1]), [RUN, 1])
-    mask = tl.max_constancy(mask, [RUN, 1])
-    x = tl.load(v_ptr + at, mask=mask, other=0)
-    if v_ptr.dtype.element_ty == tl.uint8 or v_ptr.dtype.element_ty == tl.int8:
-        x = _cast_to_half(x)
-    return x
+    t = tile_start + tl.arange(0, TILE)
+    valid = t < end
+    block = tl.load(tables_ptr + seq * table_stride + t // BLOCK_SIZE, mask=valid, other=0)
+    return ((block * BLOCK_SIZE + t % BLOCK_SIZE) * NUM_KV_HEADS + kv_head).to(tl.int64), valid
 
 
 @triton.jit
@@ -220,16 +186,11 @@ def _attend_tile(tile_start, end, k_scale, v_scale, q, running_max, running_sum,
                  NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, PAYLOAD_DIM: tl.constexpr,
                  NUM_SCALES: tl.constexpr, BLOCK_SIZE: tl.constexpr, KIND: tl.constexpr,
                  GROUP: tl.constexpr, TILE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                 K_IN_REGISTERS: tl.constexpr, V_DIM_MAJOR: tl.constexpr, V_RUN: tl.constexpr):
+                 K_IN_REGISTERS: tl.constexpr):
     """One online-softmax step over tokens [tile_start, tile_start + TILE) of the sequence
     (k_scale, v_scale: _tile_scales of the same tokens)."""
-    if V_DIM_MAJOR:
-        block, within, valid, in_table = _tile_blocks(tile_start, end, tables_ptr, seq, table_stride, BLOCK_SIZE,
-                                                      TILE, True)
-        rows = ((block * BLOCK_SIZE + within) * NUM_KV_HEADS + kv_head).to(tl.int64)
-    else:
-        rows, valid = _tile_rows(tile_start, end, tables_ptr, seq, kv_head, table_stride, NUM_KV_HEADS,
-                                 BLOCK_SIZE, TILE)
+    rows, valid = _tile_rows(tile_start, end, tables_ptr, seq, kv_head, table_stride, NUM_KV_HEADS,
+                             BLOCK_SIZE, TILE)
     k = _load_tile(k_ptr, k_scales_ptr, rows, valid, d, q.dtype, KIND, HEAD_DIM, PAYLOAD_DIM, NUM_SCALES,
                    GROUP, TILE, d.shape[0], K_IN_REGISTERS)
     scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # (GROUP_ROWS, TILE), q carries the scale
@@ -240,12 +201,8 @@ def _attend_tile(tile_start, end, k_scale, v_scale, q, running_max, running_sum,
     rescale = tl.exp(running_max - new_max)
     p = tl.exp(scores - new_max[:, None])
     running_sum = running_sum * rescale + tl.sum(p, axis=1)
-    if V_DIM_MAJOR:
-        v = _load_v_dim_major(v_ptr, block, within, in_table, kv_head, d, NUM_KV_HEADS, HEAD_DIM, PAYLOAD_DIM,
-                              BLOCK_SIZE, V_RUN).to(q.dtype)
-    else:
-        v = _load_tile(v_ptr, v_scales_ptr, rows, valid, d, q.dtype, KIND, HEAD_DIM, PAYLOAD_DIM, NUM_SCALES,
-                       GROUP, TILE, d.shape[0], False)
+    v = _load_tile(v_ptr, v_scales_ptr, rows, valid, d, q.dtype, KIND, HEAD_DIM, PAYLOAD_DIM, NUM_SCALES,
+                   GROUP, TILE, d.shape[0], False)
     if KIND == ABSMAX:
         # p * s_t would underflow float16 for small scales: scale by s_t / (the tile's largest s),
         # which stays in [0, 1], and multiply that largest s back into the sum.
@@ -275,7 +232,7 @@ def _paged_decode_kernel(
         KIND: tl.constexpr, GROUP: tl.constexpr, GROUP_ROWS: tl.constexpr, DIM_ROWS: tl.constexpr,
         TILE: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
         PARTITION: tl.constexpr, IS_SPLIT: tl.constexpr, INTERPRETED: tl.constexpr,
-        K_IN_REGISTERS: tl.constexpr, V_DIM_MAJOR: tl.constexpr, V_RUN: tl.constexpr):
+        K_IN_REGISTERS: tl.constexpr):
     seq, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq).to(tl.int32)
     g = tl.arange(0, GROUP_ROWS)
@@ -308,8 +265,7 @@ def _paged_decode_kernel(
             running_max, running_sum, acc = _attend_tile(
                 tile_start, end, k_scale, v_scale, q, running_max, running_sum, acc, k_ptr, k_scales_ptr,
                 v_ptr, v_scales_ptr, tables_ptr, seq, kv_head, table_stride, d, NUM_KV_HEADS, HEAD_DIM,
-                PAYLOAD_DIM, NUM_SCALES, BLOCK_SIZE, KIND, GROUP, TILE, DOT_PRECISION, K_IN_REGISTERS, V_DIM_MAJOR,
-                V_RUN)
+                PAYLOAD_DIM, NUM_SCALES, BLOCK_SIZE, KIND, GROUP, TILE, DOT_PRECISION, K_IN_REGISTERS)
             k_scale, v_scale = k_next, v_next
             tile_start += TILE
     else:  # a for loop, which the compiler software-pipelines: the next tile loads during this one
@@ -319,8 +275,7 @@ def _paged_decode_kernel(
             running_max, running_sum, acc = _attend_tile(
                 tile_start, end, k_scale, v_scale, q, running_max, running_sum, acc, k_ptr, k_scales_ptr,
                 v_ptr, v_scales_ptr, tables_ptr, seq, kv_head, table_stride, d, NUM_KV_HEADS, HEAD_DIM,
-                PAYLOAD_DIM, NUM_SCALES, BLOCK_SIZE, KIND, GROUP, TILE, DOT_PRECISION, K_IN_REGISTERS, V_DIM_MAJOR,
-                V_RUN)
+                PAYLOAD_DIM, NUM_SCALES, BLOCK_SIZE, KIND, GROUP, TILE, DOT_PRECISION, K_IN_REGISTERS)
             k_scale, v_scale = k_next, v_next
 
     if not IS_SPLIT:
@@ -382,13 +337,6 @@ def choose_partition(num_seqs: int, num_kv_heads: int, max_len: int, device: tor
     return min(config.max_partition, max(config.tile, partition))
 
 
-def v_run(block_size: int, tile: int, partition: int) -> int:
-    """Tokens of a head_dim-major V tile that lie contiguous and aligned in the pool, and are all
-    loaded or all not: tiles start at multiples of gcd(tile, partition) and blocks at multiples
-    of block_size, so runs of the gcd of the three (a power of two: tiles are) stay in one block."""
-    return math.gcd(block_size, tile, partition)
-
-
 def paged_decode_attention(q: torch.Tensor, cache: LayerKV, block_tables: torch.Tensor,
                            seq_lens: torch.Tensor, scale: float, partition: int | None = None,
                            config: DecodeConfig | None = None) -> torch.Tensor:
@@ -426,7 +374,6 @@ def paged_decode_attention(q: torch.Tensor, cache: LayerKV, block_tables: torch.
         # float32 models (the tests' reference runs) get full-precision dots, not TF32
         DOT_DTYPE=_dot_dtype(q.dtype, kind), DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         INTERPRETED=os.environ.get("TRITON_INTERPRET") == "1", K_IN_REGISTERS=config.k_in_registers,
-        V_DIM_MAJOR=cache.v_dim_major, V_RUN=v_run(block_size, config.tile, partition),
         num_warps=config.num_warps,
         num_stages=config.num_stages, **({"maxnreg": config.max_registers} if config.max_registers else {}))
     if num_splits > 1:

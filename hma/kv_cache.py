@@ -3,12 +3,6 @@
 Pools per layer, for K and for V alike (deferred dequantization: never a dequantized copy):
   payload (num_blocks, block_size, num_key_value_heads, format.payload_dim(head_dim))
   scales  (num_blocks, block_size, num_key_value_heads, format.num_scales(head_dim)), float16
-Those are the shapes every reader and writer indexes. In memory, V's payload of the 8-bit
-one-scale formats (fp8, int8) lies head_dim-major within each block, (num_blocks, heads,
-head_dim, block_size), as vLLM's paged attention keeps V: attention's p.V sums over tokens, and
-the tensor cores take 8-bit values only with the summed axis contiguous (kernels._load_tile), so
-V's pool is a permuted view and the kernels address it by its layout. Slots are read and written
-through read_slots / write_slots, which index blocks and offsets and so fit either layout.
 A block holds block_size consecutive tokens of one sequence; a sequence's block table lists its
 blocks in order. Invariant: the scheduler owns every allocation and frees a sequence's blocks the
 moment it finishes or is preempted; the cache itself never frees anything.
@@ -25,7 +19,7 @@ import torch
 
 from hma.config import ModelConfig
 from hma.errors import RequestTooLargeError
-from hma.kv_formats import SCALE_DTYPE, AbsmaxFormat, CastFormat, KVFormat
+from hma.kv_formats import SCALE_DTYPE, KVFormat
 
 log = logging.getLogger(__name__)
 
@@ -73,54 +67,18 @@ class LayerKV:
 
     @classmethod
     def empty(cls, fmt: KVFormat, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
-              device: torch.device | str, v_dim_major: bool | None = None) -> LayerKV:
-        """Zeroed pools; v_dim_major: V's payload head_dim-major in memory (default: the format's,
-        v_dim_major_for; bench attention times both)."""
+              device: torch.device | str) -> LayerKV:
         # Zeros, not garbage: padded block-table entries are read (then masked) by attention.
-        def pool(dim: int, dtype: torch.dtype, dim_major: bool = False) -> torch.Tensor:
-            if dim_major:
-                return torch.zeros(num_blocks, num_kv_heads, dim, block_size, dtype=dtype,
-                                   device=device).permute(0, 3, 1, 2)
+        def pool(dim: int, dtype: torch.dtype) -> torch.Tensor:
             return torch.zeros(num_blocks, block_size, num_kv_heads, dim, dtype=dtype, device=device)
 
         payload, scales = fmt.payload_dim(head_dim), fmt.num_scales(head_dim)
-        v_dim_major = v_dim_major_for(fmt) if v_dim_major is None else v_dim_major
-        if v_dim_major and not isinstance(fmt, (AbsmaxFormat, CastFormat)):
-            raise ValueError(f"{fmt.name} keeps V token-major: its scales and packing run along head_dim")
         return cls(fmt, pool(payload, fmt.payload_dtype), pool(scales, SCALE_DTYPE),
-                   pool(payload, fmt.payload_dtype, v_dim_major), pool(scales, SCALE_DTYPE))
+                   pool(payload, fmt.payload_dtype), pool(scales, SCALE_DTYPE))
 
     @property
     def tensors(self) -> tuple[torch.Tensor, ...]:
         return self.k, self.k_scales, self.v, self.v_scales
-
-    @property
-    def v_dim_major(self) -> bool:
-        """Whether V's payload lies head_dim-major within each block (with one-token blocks the
-        two layouts are the same memory, and this says False)."""
-        return self.v.stride(-1) != 1
-
-
-def v_dim_major_for(fmt: KVFormat) -> bool:
-    """The V layout a format's pools get: head_dim-major for the 8-bit one-scale formats, whose
-    fused attention reads V in the tensor cores' operand order (kernels._load_tile)."""
-    return isinstance(fmt, AbsmaxFormat)
-
-
-def read_slots(pool: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """The rows (len(slots), kv_heads, dim) of a pool at those cache slots, as a new tensor."""
-    block_size = pool.shape[1]
-    return pool[slots // block_size, slots % block_size]
-
-
-def write_slots(pool: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor) -> None:
-    """pool at those cache slots = rows (len(slots), kv_heads, dim), in the pool's own memory,
-    whatever its layout."""
-    block_size = pool.shape[1]
-    # index_put_ has no float8 kernel on the CPU; the same bytes viewed as uint8 copy fine
-    if pool.dtype == torch.float8_e4m3fn:
-        pool, rows = pool.view(torch.uint8), rows.view(torch.uint8)
-    pool[slots // block_size, slots % block_size] = rows.to(pool.device)
 
 
 class KVCache:

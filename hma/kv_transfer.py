@@ -15,7 +15,7 @@ import torch
 from hma.attention import store_kv, write_kv
 from hma.batch import slots_for
 from hma.errors import ProtocolError
-from hma.kv_cache import KVCache, LayerKV, read_slots
+from hma.kv_cache import KVCache, LayerKV
 from hma.kv_formats import KVFormat
 from hma.wire import KVLayer
 
@@ -32,7 +32,7 @@ def take_layer_kv(cache: KVCache, layer: int, request_id: str, slots: torch.Tens
     pools = cache.layers[layer]
 
     def read(pool: torch.Tensor) -> torch.Tensor:
-        return read_slots(pool, slots).to(device)  # (num_tokens, kv_heads, dim)
+        return pool.flatten(0, 1)[slots].to(device)  # (num_tokens, kv_heads, dim)
 
     return KVLayer(request_id, layer, start, start + len(slots), read(pools.k), read(pools.k_scales),
                    read(pools.v), read(pools.v_scales), computed_at)

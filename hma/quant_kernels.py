@@ -45,19 +45,13 @@ def _round_half_even(q):
 @triton.jit
 def _quantize_store(x_ptr, x_stride, pool_ptr, scales_ptr, token, slot, NUM_KV_HEADS: tl.constexpr,
                     HEAD_DIM: tl.constexpr, HEAD_ROWS: tl.constexpr, DIM_ROWS: tl.constexpr,
-                    KIND: tl.constexpr, QMAX: tl.constexpr, ROUND: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                    DIM_MAJOR: tl.constexpr):
-    """One token's (heads, head_dim) K or V, quantized as kv_formats does it, into its slot
-    (DIM_MAJOR: of a pool laid out head_dim-major within each block, kv_cache)."""
+                    KIND: tl.constexpr, QMAX: tl.constexpr, ROUND: tl.constexpr):
+    """One token's (heads, head_dim) K or V, quantized as kv_formats does it, into its slot."""
     h = tl.arange(0, HEAD_ROWS)
     d = tl.arange(0, DIM_ROWS)
     mask = (h < NUM_KV_HEADS)[:, None] & (d < HEAD_DIM)[None, :]
     x = tl.load(x_ptr + token * x_stride + h[:, None] * HEAD_DIM + d[None, :], mask=mask, other=0)
-    if DIM_MAJOR:
-        block, within = slot // BLOCK_SIZE, slot % BLOCK_SIZE
-        at = (block * NUM_KV_HEADS + h)[:, None] * (HEAD_DIM * BLOCK_SIZE) + d[None, :] * BLOCK_SIZE + within
-    else:
-        at = (slot * NUM_KV_HEADS + h)[:, None] * HEAD_DIM + d[None, :]
+    at = (slot * NUM_KV_HEADS + h)[:, None] * HEAD_DIM + d[None, :]
     if KIND == CAST:
         tl.store(pool_ptr + at, x.to(pool_ptr.dtype.element_ty), mask=mask)
     else:
@@ -104,7 +98,7 @@ def _quantize_store_int4(x_ptr, x_stride, pool_ptr, scales_ptr, token, slot, NUM
 def _store_kv_kernel(k_ptr, v_ptr, k_stride, v_stride, slots_ptr, k_pool, k_scales, v_pool, v_scales,
                      NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_ROWS: tl.constexpr,
                      DIM_ROWS: tl.constexpr, KIND: tl.constexpr, QMAX: tl.constexpr, ROUND: tl.constexpr,
-                     GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr, V_DIM_MAJOR: tl.constexpr):
+                     GROUP: tl.constexpr):
     token = tl.program_id(0).to(tl.int64)  # token * stride passes 2**31 for long prompts of wide models
     slot = tl.load(slots_ptr + token).to(tl.int64)
     if KIND == INT4:
@@ -114,9 +108,9 @@ def _store_kv_kernel(k_ptr, v_ptr, k_stride, v_stride, slots_ptr, k_pool, k_scal
                              DIM_ROWS, GROUP)
     else:
         _quantize_store(k_ptr, k_stride, k_pool, k_scales, token, slot, NUM_KV_HEADS, HEAD_DIM, HEAD_ROWS,
-                        DIM_ROWS, KIND, QMAX, ROUND, BLOCK_SIZE, False)
+                        DIM_ROWS, KIND, QMAX, ROUND)
         _quantize_store(v_ptr, v_stride, v_pool, v_scales, token, slot, NUM_KV_HEADS, HEAD_DIM, HEAD_ROWS,
-                        DIM_ROWS, KIND, QMAX, ROUND, BLOCK_SIZE, V_DIM_MAJOR)
+                        DIM_ROWS, KIND, QMAX, ROUND)
 
 
 @triton.jit
@@ -168,5 +162,4 @@ def write_kv(cache: LayerKV, k: torch.Tensor, v: torch.Tensor, slot_mapping: tor
         _store_kv_kernel, (num_tokens,), k, v, k.stride(0), v.stride(0), slot_mapping,
         cache.k, cache.k_scales, cache.v, cache.v_scales, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
         HEAD_ROWS=triton.next_power_of_2(num_kv_heads), DIM_ROWS=triton.next_power_of_2(head_dim),
-        KIND=kind, QMAX=getattr(fmt, "qmax", 0.0), ROUND=not fmt.payload_dtype.is_floating_point, GROUP=group,
-        BLOCK_SIZE=cache.k.shape[1], V_DIM_MAJOR=cache.v_dim_major)
+        KIND=kind, QMAX=getattr(fmt, "qmax", 0.0), ROUND=not fmt.payload_dtype.is_floating_point, GROUP=group)

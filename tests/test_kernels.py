@@ -17,19 +17,15 @@ HEADS, KV_HEADS, HEAD_DIM, BLOCK = 6, 2, 64, 8  # 3 query heads per KV head, as 
 
 
 def _filled_layer(name: str, seq_lens: list[int], gen: torch.Generator, dtype: torch.dtype,
-                  head_dim: int = HEAD_DIM, block: int = BLOCK, v_dim_major: bool | None = None):
-    """A pool holding each sequence's tokens in shuffled blocks, and the block tables. The slots
-    of the last blocks past each sequence's end hold another sequence's leftovers (large values),
-    as reused blocks do."""
-    per_seq = max(1, -(-max(seq_lens) // block))
+                  head_dim: int = HEAD_DIM):
+    """A pool holding each sequence's tokens in shuffled blocks, and the block tables."""
+    per_seq = max(1, -(-max(seq_lens) // BLOCK))
     order = torch.randperm(len(seq_lens) * per_seq + 3, generator=gen).tolist()
-    layer = LayerKV.empty(get_kv_format(name), len(order), block, KV_HEADS, head_dim, DEVICE, v_dim_major)
+    layer = LayerKV.empty(get_kv_format(name), len(order), BLOCK, KV_HEADS, head_dim, DEVICE)
     tables = torch.tensor([order[i * per_seq:(i + 1) * per_seq] for i in range(len(seq_lens))])
-    leftovers = 100 * torch.randn(2, len(order) * block, KV_HEADS, head_dim, generator=gen).to(dtype)
-    write_kv_reference(layer, *leftovers.to(DEVICE), torch.arange(len(order) * block, device=DEVICE))
     for table, n in zip(tables.tolist(), seq_lens):
         k, v = (3 * torch.randn(2, n, KV_HEADS, head_dim, generator=gen)).to(dtype).unbind(0)
-        slots = torch.tensor([table[p // block] * block + p % block for p in range(n)], dtype=torch.long)
+        slots = torch.tensor([table[p // BLOCK] * BLOCK + p % BLOCK for p in range(n)], dtype=torch.long)
         write_kv_reference(layer, k.to(DEVICE), v.to(DEVICE), slots.to(DEVICE))
     return layer, tables.to(DEVICE)
 
@@ -65,30 +61,12 @@ def test_8_bit_k_converts_in_registers_or_in_assembly_to_the_same_attention(name
     _check_against_reference(name, 64, HEAD_DIM, HALF, tolerance=2e-2, config=config)
 
 
-@pytest.mark.parametrize("name", ["fp8", "int8", "fp32"])
-@pytest.mark.parametrize("v_dim_major", [True, False], ids=["v-dim-major", "v-token-major"])
-@pytest.mark.parametrize("block, partition", [(8, None), (6, 64), (32, 64), (256, None)],
-                         ids=["block-8", "block-6", "block-over-partition", "block-over-tile"])
-def test_fused_decode_attention_reads_v_in_either_layout_at_any_block_size(name, v_dim_major, block, partition):
-    """A head_dim-major V (kv_cache) is read in runs of whole blocks: blocks of any size, including
-    ones that are not a power of two or outlast a split or a tile, give the reference's attention."""
-    _check_against_reference(name, partition, HEAD_DIM, block=block, v_dim_major=v_dim_major)
-
-
-def test_v_runs_stay_inside_a_block_and_a_tile():
-    assert kernels.v_run(16, 128, 512) == 16
-    assert kernels.v_run(256, 128, 512) == 128
-    assert kernels.v_run(256, 128, 64) == 64  # a tile of a 64-token split starts mid-tile
-    assert kernels.v_run(6, 128, 512) == 2
-
-
 def _check_against_reference(name: str, partition: int | None, head_dim: int,
                              dtype: torch.dtype = torch.float32, tolerance: float = 2e-5,
-                             config: DecodeConfig | None = None, block: int = BLOCK,
-                             v_dim_major: bool | None = None) -> None:
+                             config: DecodeConfig | None = None) -> None:
     gen = torch.Generator().manual_seed(1)
     seq_lens = [150, 1, 64, 97]  # several splits, one token, exactly one tile
-    layer, tables = _filled_layer(name, seq_lens, gen, dtype, head_dim, block, v_dim_major)
+    layer, tables = _filled_layer(name, seq_lens, gen, dtype, head_dim)
     q = torch.randn(len(seq_lens), HEADS, head_dim, generator=gen).to(DEVICE, dtype)
     lens = torch.tensor(seq_lens, device=DEVICE)
     expected = decode_reference(q, layer, tables, lens, head_dim ** -0.5)

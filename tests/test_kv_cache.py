@@ -3,8 +3,7 @@ import torch
 
 from hma.config import EngineConfig, ModelConfig, qwen3_shape
 from hma.errors import RequestTooLargeError
-from hma.kv_cache import (BlockAllocator, KVCache, LayerKV, blocks_for, bytes_per_block, read_slots,
-                          v_dim_major_for, write_slots)
+from hma.kv_cache import BlockAllocator, KVCache, blocks_for, bytes_per_block
 from hma.kv_formats import KV_FORMATS, SCALE_DTYPE, get_kv_format
 from hma.loading import make_kv_cache
 from hma.request import Request
@@ -96,45 +95,3 @@ def test_same_budget_holds_more_tokens_in_smaller_formats(shape):
     assert tokens("fp8") >= 1.9 * bf16 and tokens("int8") >= 1.9 * bf16
     assert tokens("int4") >= 3.0 * bf16
     assert tokens("bfp8") >= 1.75 * bf16  # its float16 exponents cost 2 bytes per 16 values
-
-
-@pytest.mark.parametrize("name", list(KV_FORMATS))
-def test_only_8_bit_one_scale_formats_keep_v_head_dim_major_in_memory(name):
-    """V's payload of fp8 and int8 lies (blocks, heads, head_dim, block_size) in memory, the rest
-    token-major; every pool keeps the (blocks, block_size, heads, dim) shape readers index."""
-    fmt = get_kv_format(name)
-    layer = LayerKV.empty(fmt, 3, 8, 2, 64, "cpu")
-    dim_major = name in ("fp8", "int8")
-    assert v_dim_major_for(fmt) == layer.v_dim_major == dim_major
-    assert layer.v.shape == layer.k.shape == (3, 8, 2, fmt.payload_dim(64))
-    assert layer.k.is_contiguous() and layer.v.is_contiguous() != dim_major
-    if dim_major:
-        assert layer.v.stride() == (8 * 2 * 64, 1, 64 * 8, 8)  # tokens contiguous within a block
-        assert layer.v.permute(0, 2, 3, 1).is_contiguous()
-
-
-@pytest.mark.parametrize("v_dim_major", [False, True], ids=["token-major", "dim-major"])
-@pytest.mark.parametrize("name", ["fp8", "int8", "bf16"])
-def test_slots_read_back_what_was_written_in_either_v_layout(name, v_dim_major):
-    fmt = get_kv_format(name)
-    layer = LayerKV.empty(fmt, 4, 8, 2, 16, "cpu", v_dim_major=v_dim_major)
-    assert layer.v_dim_major == v_dim_major
-    storage = layer.v.data_ptr()
-    gen = torch.Generator().manual_seed(0)
-    slots = torch.tensor([3, 31, 8, 9, 0, 17])
-    rows, _ = fmt.quantize(torch.randn(6, 2, 16, generator=gen))
-    write_slots(layer.v, slots, rows)
-    assert layer.v.data_ptr() == storage  # written in place, not into a copy
-    as_bytes = lambda t: t.contiguous().view(torch.uint8)  # noqa: E731
-    assert torch.equal(as_bytes(read_slots(layer.v, slots)), as_bytes(rows))
-    # the same token rows as a block-by-block read sees them
-    assert torch.equal(as_bytes(layer.v[3, 7]), as_bytes(rows[1]))
-    untouched = torch.ones(4 * 8, dtype=torch.bool)
-    untouched[slots] = False
-    assert not layer.v.flatten(0, 1)[untouched].float().abs().sum()
-
-
-@pytest.mark.parametrize("name", ["int4", "bfp8"])
-def test_formats_scaled_along_head_dim_refuse_a_head_dim_major_v(name):
-    with pytest.raises(ValueError, match="token-major"):
-        LayerKV.empty(get_kv_format(name), 2, 8, 2, 64, "cpu", v_dim_major=True)

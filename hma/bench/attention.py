@@ -4,11 +4,10 @@
 One layer of a Qwen3 shape (8 KV heads, 32 query heads, head_dim 128), batch x context tokens
 in shuffled blocks, one decode query per sequence. For each KV format and each configuration
 (tokens per tile, warps, software-pipeline stages, register cap, most tokens per split, where
-8-bit K converts) and V layout in the pools (`--v-layouts`: token- or head_dim-major, kv_cache) it
+8-bit K converts) it
 reports the median kernel time and the bytes read per second (payload and scales) against the
 GPU's copy bandwidth measured in the same run, checks every output against the kernel's default
-configuration on the format's default layout, and names the fastest per format
-(`kernels.for_format` and `kv_cache.v_dim_major_for` hold the picks).
+configuration, and names the fastest per format (`kernels.for_format` holds the picks).
 """
 
 from __future__ import annotations
@@ -27,8 +26,8 @@ from hma.attention import write_kv
 from hma.bench import write_json
 from hma.bench.speed import copy_bytes_per_s, machine_name, median_seconds
 from hma.kernels import DecodeConfig
-from hma.kv_cache import LayerKV, v_dim_major_for
-from hma.kv_formats import AbsmaxFormat, CastFormat, get_kv_format
+from hma.kv_cache import LayerKV
+from hma.kv_formats import AbsmaxFormat, get_kv_format
 from hma.loading import resolve_device
 
 BLOCK_SIZE = 16
@@ -44,11 +43,9 @@ def candidates(tiles: list[int], warps: list[int], stages: list[int], registers:
 
 
 def filled_layer(kv_dtype: str, num_tokens: int, num_kv_heads: int, head_dim: int,
-                 device: torch.device, v_dim_major: bool | None = None) -> LayerKV:
-    """Pools of random K/V (written through the real quantizing path) for num_tokens tokens, the
-    same values whatever V's layout (v_dim_major: LayerKV.empty's)."""
-    layer = LayerKV.empty(get_kv_format(kv_dtype), num_tokens // BLOCK_SIZE, BLOCK_SIZE, num_kv_heads, head_dim,
-                          device, v_dim_major)
+                 device: torch.device) -> LayerKV:
+    """Pools of random K/V (written through the real quantizing path) for num_tokens tokens."""
+    layer = LayerKV.empty(get_kv_format(kv_dtype), num_tokens // BLOCK_SIZE, BLOCK_SIZE, num_kv_heads, head_dim, device)
     gen = torch.Generator(device).manual_seed(0)
     for start in range(0, num_tokens, FILL_TOKENS):
         n = min(FILL_TOKENS, num_tokens - start)
@@ -58,36 +55,31 @@ def filled_layer(kv_dtype: str, num_tokens: int, num_kv_heads: int, head_dim: in
 
 
 def sweep(kv_dtype: str, configs: list[DecodeConfig], batch: int, context: int, device: torch.device,
-          rep_ms: float, attend: Callable = kernels.paged_decode_attention,
-          v_dim_major: bool | None = None) -> list[dict]:
-    """Times every config on one layer whose V lies as v_dim_major says (None: the format's
-    default); attend(q, layer, tables, lens, scale, config=...) is the kernel. Every output is
-    checked against the default config on a layer of the default layout holding the same values."""
+          rep_ms: float, attend: Callable = kernels.paged_decode_attention) -> list[dict]:
+    """Times every config on one layer; attend(q, layer, tables, lens, scale, config=...) is the kernel."""
     num_heads, num_kv_heads, head_dim = 32, 8, 128
-    gen = torch.Generator(device).manual_seed(1)
-    tables = torch.randperm(batch * context // BLOCK_SIZE, device=device, generator=gen).view(batch, -1)
-    lens = torch.full((batch,), context, device=device)
-    q = torch.randn(batch, num_heads, head_dim, device=device, dtype=torch.bfloat16, generator=gen)
     layer = filled_layer(kv_dtype, batch * context, num_kv_heads, head_dim, device)
-    expected = attend(q, layer, tables, lens, head_dim ** -0.5, config=kernels.for_format(layer.format)).float()
-    if v_dim_major is not None and v_dim_major != layer.v_dim_major:
-        del layer  # one layer's pools at a time
-        layer = filled_layer(kv_dtype, batch * context, num_kv_heads, head_dim, device, v_dim_major)
+    order = torch.randperm(batch * context // BLOCK_SIZE, device=device)
+    tables = order.view(batch, context // BLOCK_SIZE)
+    lens = torch.full((batch,), context, device=device)
+    q = torch.randn(batch, num_heads, head_dim, device=device, dtype=torch.bfloat16)
     nbytes = sum(t.numel() * t.element_size() for t in layer.tensors)
     run = lambda config: attend(q, layer, tables, lens, head_dim ** -0.5, config=config)  # noqa: E731
+    expected = run(kernels.for_format(layer.format)).float()
     rows = []
     for config in configs:
         if config.k_in_registers and not isinstance(layer.format, AbsmaxFormat):
             continue  # only 8-bit K has a conversion to place
-        head = {"kv_dtype": kv_dtype, **dataclasses.asdict(config), "v_dim_major": layer.v_dim_major}
         try:
             # relative to the largest output: rounding moves it ~1%, dropping one tile of 4,096 tokens ~20%
             error = ((run(config).float() - expected).abs().max() / expected.abs().max()).item()
             seconds = kernel_seconds(lambda: run(config), device, rep_ms)
         except Exception as exc:  # a config the compiler rejects (shared memory, registers) is listed, not fatal
-            rows.append({**head, "failed": f"{type(exc).__name__}: {exc}"[:200]})
+            rows.append({"kv_dtype": kv_dtype, **dataclasses.asdict(config),
+                         "failed": f"{type(exc).__name__}: {exc}"[:200]})
             continue
-        rows.append({**head, "seconds": seconds, "bytes_per_s": nbytes / seconds, "max_rel_diff": error})
+        rows.append({"kv_dtype": kv_dtype, **dataclasses.asdict(config), "seconds": seconds,
+                     "bytes_per_s": nbytes / seconds, "max_rel_diff": error})
     return rows
 
 
@@ -100,17 +92,6 @@ def kernel_seconds(fn: Callable[[], object], device: torch.device, rep_ms: float
     from triton.testing import do_bench
 
     return do_bench(fn, warmup=5, rep=rep_ms, return_mode="median") / 1e3
-
-
-V_LAYOUTS = {"default": None, "token": False, "dim": True}
-
-
-def _layouts_for(kv_dtype: str, layouts: list[bool | None]) -> list[bool | None]:
-    """The V layouts a format can take of those asked (int4 and bfp8 keep V token-major), once each."""
-    fmt = get_kv_format(kv_dtype)
-    can = (AbsmaxFormat, CastFormat)
-    wanted = {v_dim_major_for(fmt) if v is None else v for v in layouts}
-    return sorted(v for v in wanted if not v or isinstance(fmt, can))
 
 
 def fastest(rows: list[dict], tolerance: float = 0.05) -> DecodeConfig | None:
@@ -135,8 +116,6 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-registers", default="0,128", help="caps on registers per thread; 0: none")
     parser.add_argument("--max-partitions", default="1024", help="most tokens of a sequence per program")
     parser.add_argument("--k-in-registers", default="0,1", help="8-bit K converted in registers (1) or not (0)")
-    parser.add_argument("--v-layouts", default="default",
-                        help="V's layout in the pools: default (the format's), token, dim (head_dim-major)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--rep-ms", type=float, default=40.0, help="GPU time spent timing each config")
     parser.add_argument("--json", type=Path, default=None)
@@ -148,18 +127,13 @@ def main(argv: list[str] | None = None) -> dict:
     copy = copy_bytes_per_s(device, 10)
     configs = candidates(ints(args.tiles), ints(args.warps), ints(args.stages), ints(args.max_registers),
                          ints(args.max_partitions), ints(args.k_in_registers))
-    layouts = [V_LAYOUTS[name] for name in args.v_layouts.split(",")]
     rows, best = [], {}
     for kv_dtype in args.kv_dtypes.split(","):
-        for v_dim_major in _layouts_for(kv_dtype, layouts):
-            found = sweep(kv_dtype, configs, args.batch_size, args.context, device, args.rep_ms,
-                          v_dim_major=v_dim_major)
-            rows += found
-            torch.cuda.empty_cache()
-        default = [r for r in rows if r["kv_dtype"] == kv_dtype
-                   and r["v_dim_major"] == v_dim_major_for(get_kv_format(kv_dtype))]
-        best_config = fastest(default)
+        found = sweep(kv_dtype, configs, args.batch_size, args.context, device, args.rep_ms)
+        best_config = fastest(found)
         best[kv_dtype] = best_config and dataclasses.asdict(best_config)  # None: no config passed
+        rows += found
+        torch.cuda.empty_cache()
     out = {"machine": machine_name(device), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
            "batch_size": args.batch_size, "context": args.context, "copy_bytes_per_s": copy,
            "rows": rows, "fastest": best}
@@ -171,10 +145,10 @@ def main(argv: list[str] | None = None) -> dict:
 def _print(out: dict) -> None:
     print(f"decode attention, one layer, {out['batch_size']} x {out['context']} tokens, {out['machine']}; "
           f"copy {out['copy_bytes_per_s'] / 1e12:.2f} TB/s")
-    print(f"{'kv':>5} {'V':>5} {'tile':>4} {'warps':>5} {'stages':>6} {'regs':>5} {'split':>5} {'k reg':>5} "
-          f"{'us':>8} {'TB/s':>6} {'x copy':>6}")
+    print(f"{'kv':>5} {'tile':>4} {'warps':>5} {'stages':>6} {'regs':>5} {'split':>5} {'k reg':>5} {'us':>8} "
+          f"{'TB/s':>6} {'x copy':>6}")
     for r in out["rows"]:
-        head = (f"{r['kv_dtype']:>5} {'dim' if r.get('v_dim_major') else 'token':>5} {r['tile']:>4} {r['num_warps']:>5} {r['num_stages']:>6} "
+        head = (f"{r['kv_dtype']:>5} {r['tile']:>4} {r['num_warps']:>5} {r['num_stages']:>6} "
                 f"{r.get('max_registers') or '-':>5} {r.get('max_partition', kernels.MAX_PARTITION):>5} "
                 f"{'yes' if r.get('k_in_registers') else 'no':>5}")
         if "failed" in r:
