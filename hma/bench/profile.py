@@ -2,9 +2,10 @@
 prefill, for a Qwen3 shape with random weights.
 
 `python -m hma bench profile --shape qwen3-4b --batch-sizes 1,64 --context 1024 --prompt-len 512`
-Decode (CUDA only): kernels a step launches, the GPU time they take, each kernel's count and
-time per step, and the matrix products' share: their time against the bytes of weights a step
-reads, as bandwidth. Prefill: the host's time to issue one forward, the time until the GPU is
+Decode (CUDA only, `--kv-dtype` KV): kernels a step launches, the GPU time they take against the
+step's wall time (the rest is the GPU idle between kernels and the host's part), each kernel's
+count and time per step, and the matrix products' share: their time against the bytes of
+weights a step reads, as bandwidth. Prefill: the host's time to issue one forward, the time until the GPU is
 done, the GPU's busy time (the sum of its kernels), how many kernels, and the host operations
 that took longest (`--piecewise`: through the piecewise graphs, as the hosts run it). Five
 profiled runs after three warm ones; per-step figures are their mean.
@@ -21,7 +22,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from hma.batch import Batch
 from hma.bench import write_json
-from hma.bench.speed import BLOCK_SIZE, chunks, machine_name, weight_bytes
+from hma.bench.speed import BLOCK_SIZE, chunks, machine_name, median_seconds, weight_bytes
 from hma.config import PIECEWISE_GRAPH_TOKENS, qwen3_shape
 from hma.cuda_graphs import DecodeGraphs
 from hma.kv_cache import KVCache, blocks_for
@@ -52,21 +53,22 @@ def _gpu_events(prof) -> list:
     return [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
 
 
-def profile_decode(model: Qwen3ForCausalLM, batch_size: int, context: int, device: torch.device) -> dict:
-    """One greedy decode step (graph replay, tokens back on the host), profiled."""
+def profile_decode(model: Qwen3ForCausalLM, batch_size: int, context: int, device: torch.device,
+                   kv_dtype: str = "bf16") -> dict:
+    """One greedy decode step (graph replay, tokens back on the host), timed, then profiled."""
     config = model.config
-    cache = KVCache(config, batch_size * blocks_for(context, BLOCK_SIZE) + 1, BLOCK_SIZE, get_kv_format("bf16"), device)
+    cache = KVCache(config, batch_size * blocks_for(context, BLOCK_SIZE) + 1, BLOCK_SIZE, get_kv_format(kv_dtype),
+                    device)
     graphs = DecodeGraphs(model, cache, batch_size, context)
     blocks = cache.allocator.allocate(batch_size * blocks_for(context, BLOCK_SIZE))
     decodes = chunks(batch_size, 1, config.vocab_size, context - 1, blocks)
-    for _ in range(WARM_RUNS):
-        graphs.run(decodes).argmax(-1).tolist()
+    step_s = median_seconds(lambda: graphs.run(decodes).argmax(-1).tolist(), device, RUNS, WARM_RUNS)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(RUNS):
             graphs.run(decodes).argmax(-1).tolist()
     kernels = by_kernel(_gpu_events(prof), RUNS)
     matmul_us = sum(k["us"] for k in kernels if is_matmul(k["kernel"]))
-    return {"batch_size": batch_size, "context_len": context,
+    return {"batch_size": batch_size, "context_len": context, "kv_dtype": kv_dtype, "step_us": step_s * 1e6,
             "kernels_per_step": sum(k["count"] for k in kernels), "gpu_us_per_step": sum(k["us"] for k in kernels),
             "matmul_us_per_step": matmul_us, "weight_bytes": weight_bytes(model),
             "matmul_weight_bytes_per_s": weight_bytes(model) / (matmul_us * 1e-6) if matmul_us else None,
@@ -120,6 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-sizes", default="1,64")
     parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--prompt-len", type=int, default=512)
+    parser.add_argument("--kv-dtype", default="bf16", help="the decode steps' KV format")
     parser.add_argument("--prefill-dtype", default="bf16", help="bf16 | fp8 | int8")
     parser.add_argument("--top", type=int, default=12, help="kernels and host operations listed")
     parser.add_argument("--piecewise", action="store_true",
@@ -133,7 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
     model = Qwen3ForCausalLM.create(qwen3_shape(args.shape), torch.bfloat16, device,
                                     max_positions=max(args.context, args.prompt_len) + 1)
     model.init_random_()
-    decode = [profile_decode(model, int(b), args.context, device) for b in args.batch_sizes.split(",")]
+    decode = [profile_decode(model, int(b), args.context, device, args.kv_dtype) for b in args.batch_sizes.split(",")]
     model.use_prefill_precision(args.prefill_dtype)
     prefill = profile_prefill(model, args.prompt_len, device, args.top, args.piecewise)
     out = {"machine": machine_name(device), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
@@ -147,7 +150,8 @@ def _print(out: dict, top: int) -> None:
     print(f"{out['shape']} on {out['machine']}, torch {out['torch']}")
     for d in out["decode"]:
         rate = d["matmul_weight_bytes_per_s"]
-        print(f"\ndecode step, batch {d['batch_size']}, context {d['context_len']}: {d['kernels_per_step']:.0f} kernels, "
+        print(f"\ndecode step, batch {d['batch_size']}, context {d['context_len']}, {d['kv_dtype']} KV: "
+              f"{d['step_us']:.0f} us; {d['kernels_per_step']:.0f} kernels, "
               f"{d['gpu_us_per_step']:.0f} us of GPU time; matmuls {d['matmul_us_per_step']:.0f} us"
               + (f" = {rate / 1e12:.2f} TB/s of weights" if rate else ""))
         for k in d["kernels"][:top]:
