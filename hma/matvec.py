@@ -62,14 +62,6 @@ def _load(ptr, mask, EVEN: tl.constexpr):
 
 
 @triton.jit
-def _load(ptr, mask, EVEN: tl.constexpr):
-    """ptr's values as float32, unmasked when EVEN (no tail in K or in the features)."""
-    if EVEN:
-        return tl.load(ptr).to(tl.float32)
-    return tl.load(ptr, mask=mask, other=0).to(tl.float32)
-
-
-@triton.jit
 def _matvec_kernel(x_ptr, w_ptr, y_ptr, out_features, in_features, w_stride,
                    FEATURES: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr, GATED: tl.constexpr):
     """y[n] for this program's FEATURES output features n: float32 sums of (FEATURES, BLOCK_K)

@@ -114,6 +114,14 @@ for name in sys.argv[1:]:
 from hma.quant import MIN_SCALE, ROW_QMAX
 for mode, qmax in ROW_QMAX.items():
     quant_kernels.quantize_rows(torch.zeros(3, 2560, dtype=torch.bfloat16), mode, qmax, MIN_SCALE)
+from hma import layer_kernels, matvec
+x, w = torch.zeros(1, 2560, dtype=torch.bfloat16), torch.zeros(64, 2560, dtype=torch.bfloat16)
+matvec.linear(x, w)
+matvec.gated_linear(x, w)
+layer_kernels.add_rms_norm(x, x, x[0], 1e-6)
+qkv = torch.zeros(3, 12, 128, dtype=torch.bfloat16)
+layer_kernels.norm_and_rotate(qkv[:, :8], qkv[:, 8:10], qkv[:, 0, None], qkv[:, 0, None], qkv[0, 0], qkv[0, 0], 1e-6)
+layer_kernels.silu_and_mul(torch.zeros(3, 512, dtype=torch.bfloat16))
 for kernel, args, constexprs in launches:
     options = {k: constexprs.pop(k) for k in ("num_warps", "num_stages", "maxnreg") if k in constexprs}
     names = kernel.arg_names
@@ -128,8 +136,9 @@ print("compiled", len(launches))
 
 
 def test_kernels_compile_for_an_h100_without_one():
-    """The interpreter does not type-check like the compiler: compile every format's kernels for
-    sm_90 (no GPU needed), so a kernel that only the GPU would reject fails here too."""
+    """The interpreter does not type-check like the compiler: compile every format's kernels, the
+    matrix-vector and the layer kernels for sm_90 (no GPU needed), so a kernel that only the GPU
+    would reject fails here too."""
     import os
     import subprocess
     import sys
@@ -139,7 +148,8 @@ def test_kernels_compile_for_an_h100_without_one():
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     storable = sum(can_write_kv(f) for f in KV_FORMATS.values())
-    assert result.stdout.split() == ["compiled", str(2 * len(KV_FORMATS) + storable + 2)]
+    launches = 2 * len(KV_FORMATS) + storable + 2 + 5  # + matvec twice, the layer kernels thrice
+    assert result.stdout.split() == ["compiled", str(launches)]
 
 
 def _same_bytes(got: torch.Tensor, want: torch.Tensor) -> None:
