@@ -10,11 +10,8 @@ to reuse. A version taking two or four rows at once (one accumulator per row) lo
 (0.91x and 0.58x over the layer chain, a one-off run of a draft of the bench), so steps of more
 rows keep F.linear. gated_linear runs SwiGLU's silu(gate) * up in the gate/up product itself,
 one launch a layer fewer (1.02x over the layers of qwen3-4b and of qwen3-8b, attention left out).
-norm_linear also runs the residual add and RMSNorm before qkv and before gate/up inside the
-product (two launches a layer fewer). Launched with programmatic dependent launch
-(kernels.await_inputs), a program asks L2 for its weights before it waits for the kernel ahead.
-Reference: F.linear (and qwen3.silu_and_mul, qwen3.add_rms_norm), which the tests hold the
-kernel to (on CPU through Triton's interpreter).
+Reference: F.linear (and qwen3.silu_and_mul), which the tests hold the kernel to (on CPU through
+Triton's interpreter).
 """
 
 from __future__ import annotations
@@ -65,73 +62,32 @@ def _load(ptr, mask, EVEN: tl.constexpr):
 
 
 @triton.jit
-def _matvec_kernel(x_ptr, w_ptr, y_ptr, residual_ptr, norm_ptr, sum_ptr, out_features, in_features, w_stride, eps,
-                   FEATURES: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr, GATED: tl.constexpr,
-                   NORM: tl.constexpr, LINES: tl.constexpr, PDL: tl.constexpr = False):
+def _matvec_kernel(x_ptr, w_ptr, y_ptr, out_features, in_features, w_stride,
+                   FEATURES: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr, GATED: tl.constexpr):
     """y[n] for this program's FEATURES output features n: float32 sums of (FEATURES, BLOCK_K)
     products kept apart until the end, rounded once at the store as cuBLAS rounds. GATED: the
     weight is gate rows over up rows (2 * out_features of them) and y = silu(gate) * up, rounded
-    where qwen3.silu_and_mul rounds. NORM (1: of x, 2: of x + residual, which program 0 stores
-    to sum_ptr): y is the product with RMSNorm's output (_norm_chunk). LINES: 128-byte lines
-    of a weight row, rounded up to a power of two."""
+    where qwen3.silu_and_mul rounds."""
     n = tl.program_id(0) * FEATURES + tl.arange(0, FEATURES)
     k = tl.arange(0, BLOCK_K)
     w_at = w_ptr + n.to(tl.int64)[:, None] * w_stride + k[None, :]
     up_at = w_at + out_features.to(tl.int64) * w_stride
-    if PDL:
-        # The weights are the bytes this kernel exists to read and no kernel writes them: their
-        # first trip from HBM starts here, while the kernel before this one may still be running.
-        rows = w_ptr + tl.minimum(n, out_features - 1).to(tl.int64) * w_stride
-        _prefetch_rows(rows, in_features, LINES)
-        if GATED:
-            _prefetch_rows(rows + out_features.to(tl.int64) * w_stride, in_features, LINES)
-    kernels.await_inputs(PDL)
-    dtype = y_ptr.dtype.element_ty
     acc = tl.zeros((FEATURES, BLOCK_K), tl.float32)
     acc_up = tl.zeros((FEATURES, BLOCK_K), tl.float32)
-    squares = tl.zeros((BLOCK_K,), tl.float32)
     for start in range(0, in_features, BLOCK_K):
         k_ok = start + k < in_features
         w_ok = (n < out_features)[:, None] & k_ok[None, :]
-        x = _load(x_ptr + start + k, k_ok, EVEN)
-        if NORM:
-            x, squares = _norm_chunk(x, squares, residual_ptr, norm_ptr, sum_ptr, start + k, k_ok, dtype, EVEN, NORM)
-        acc += _load(w_at + start, w_ok, EVEN) * x[None, :]
+        x = _load(x_ptr + start + k, k_ok, EVEN)[None, :]
+        acc += _load(w_at + start, w_ok, EVEN) * x
         if GATED:
-            acc_up += _load(up_at + start, w_ok, EVEN) * x[None, :]
-    y, y_up = tl.sum(acc, axis=1), tl.sum(acc_up, axis=1)
-    if NORM:
-        rstd = tl.math.rsqrt(tl.sum(squares, axis=0) / in_features + eps)
-        y, y_up = y * rstd, y_up * rstd
+            acc_up += _load(up_at + start, w_ok, EVEN) * x
+    dtype = y_ptr.dtype.element_ty
+    y = tl.sum(acc, axis=1)
     if GATED:
         gate = y.to(dtype).to(tl.float32)
         silu = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
-        y = silu * y_up.to(dtype).to(tl.float32)
+        y = silu * tl.sum(acc_up, axis=1).to(dtype).to(tl.float32)
     tl.store(y_ptr + n, y.to(dtype), mask=n < out_features)
-
-
-@triton.jit
-def _prefetch_rows(rows, in_features, LINES: tl.constexpr):
-    """Asks L2 for every 128-byte line of the weight rows starting at rows (FEATURES,)."""
-    line: tl.constexpr = 128 // rows.dtype.element_ty.primitive_bitwidth * 8
-    at = tl.minimum(tl.arange(0, LINES) * line, in_features - 1)
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1];", "=r,l", [rows[:, None] + at[None, :]], dtype=tl.int32,
-                              is_pure=False, pack=1)
-
-
-@triton.jit
-def _norm_chunk(x, squares, residual_ptr, norm_ptr, sum_ptr, at, ok, dtype: tl.constexpr, EVEN: tl.constexpr,
-                NORM: tl.constexpr):
-    """(norm weight * s, squares + s^2) for a chunk s of x (NORM 2: of x + residual, rounded to
-    dtype and stored by program 0). RMSNorm's 1 / rms is one number for the whole row, so it
-    multiplies the sums at the end instead of every input: the products see s * weight unrounded
-    where qwen3.rms_norm rounds s / rms and then its product with the weight (the outputs differ
-    from the separate kernels by that rounding, about 2^-9 of each input)."""
-    if NORM == 2:
-        x = (x + _load(residual_ptr + at, ok, EVEN)).to(dtype).to(tl.float32)
-        if tl.program_id(0) == 0:
-            tl.store(sum_ptr + at, x.to(dtype), mask=ok)
-    return x * _load(norm_ptr + at, ok, EVEN), squares + x * x
 
 
 def fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -144,41 +100,24 @@ def linear(x: torch.Tensor, weight: torch.Tensor, config: MatvecConfig | None = 
     the kernel for one row, through F.linear for more."""
     if not fits(x, weight):
         return F.linear(x, weight)
-    return _launch(x, weight, False, config)[1]
+    return _launch(x, weight, False, config)
 
 
 def gated_linear(x: torch.Tensor, weight: torch.Tensor, config: MatvecConfig | None = None) -> torch.Tensor:
     """qwen3.silu_and_mul(F.linear(x, weight)) for one row x that fits, weight (2 * features,
     in_features) gate rows over up rows: SwiGLU's input to the down projection, in one launch."""
     assert fits(x, weight) and weight.shape[0] % 2 == 0
-    return _launch(x, weight, True, config)[1]
+    return _launch(x, weight, True, config)
 
 
-def norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
-                weight: torch.Tensor, gated: bool = False, config: MatvecConfig | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(s, linear(rms_norm(s))) for one row that fits, s = x + residual (x where residual is None):
-    a decoder layer's residual add and RMSNorm run inside the product that follows them (gated:
-    gated_linear's), one launch where there were two."""
-    assert fits(x, weight) and (residual is None or residual.stride(-1) == 1)
-    return _launch(x, weight, gated, config, (residual, norm_weight, eps))
-
-
-def _launch(x: torch.Tensor, weight: torch.Tensor, gated: bool, config: MatvecConfig | None,
-            norm: tuple[torch.Tensor | None, torch.Tensor, float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the row the product read, before its norm; the product)."""
+def _launch(x: torch.Tensor, weight: torch.Tensor, gated: bool, config: MatvecConfig | None) -> torch.Tensor:
     in_features = x.shape[1]
     out_features = weight.shape[0] // 2 if gated else weight.shape[0]
     config = config or choose_config(in_features, weight.element_size(), gated)
     y = torch.empty(1, out_features, dtype=x.dtype, device=x.device)
-    residual, norm_weight, eps = norm or (None, x, 0.0)
-    summed = torch.empty_like(x) if residual is not None else x
     even = in_features % config.block_k == 0 and out_features % config.features == 0
     kernels.triton_launch(
-        _matvec_kernel, (triton.cdiv(out_features, config.features),), x, weight, y,
-        x if residual is None else residual, norm_weight, summed, out_features, in_features, weight.stride(0), eps,
-        FEATURES=config.features, BLOCK_K=config.block_k, EVEN=even, GATED=gated,
-        NORM=0 if norm is None else 1 if residual is None else 2,
-        LINES=triton.next_power_of_2(triton.cdiv(in_features * weight.element_size(), 128)),
+        _matvec_kernel, (triton.cdiv(out_features, config.features),), x, weight, y, out_features, in_features,
+        weight.stride(0), FEATURES=config.features, BLOCK_K=config.block_k, EVEN=even, GATED=gated,
         num_warps=config.num_warps)
-    return summed, y
+    return y

@@ -128,11 +128,7 @@ class Attention(nn.Module):
                 num_prefill_rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q (num_tokens, heads, head_dim), k and v (num_tokens, kv_heads, head_dim), normed
         (Qwen3) and rotated: everything before attention reads the cache."""
-        return self.heads(self.qkv_proj(x, num_prefill_rows), rope)
-
-    def heads(self, qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """project's q, k, v from the fused projection's output."""
+        qkv = self.qkv_proj(x, num_prefill_rows)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
@@ -159,19 +155,20 @@ class MLP(nn.Module):
         self.down_proj = PhaseLinear(config.intermediate_size, config.hidden_size)
 
     def forward(self, x: torch.Tensor, num_prefill_rows: int) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x, num_prefill_rows)), num_prefill_rows)
+        return self.down_proj(self.activated_gate_up(x, num_prefill_rows), num_prefill_rows)
 
+    def activated_gate_up(self, x: torch.Tensor, num_prefill_rows: int) -> torch.Tensor:
+        """silu_and_mul(gate_up_proj(x)). A decode step of one sequence on the GPU runs it as one
+        matrix-vector kernel (hma.matvec.gated_linear): at batch 1 a launch's fixed cost, not
+        its bytes, is what a small kernel costs."""
+        weight = self.gate_up_proj.float_weight_for(num_prefill_rows)
+        # input_amax's forward hooks must see the linear's input, and the one kernel skips the module
+        if x.is_cuda and weight is not None and not self.gate_up_proj._forward_hooks:
+            from hma import matvec  # Triton ships with CUDA builds of torch, not CPU ones
 
-def one_row_weight(linear: PhaseLinear, x: torch.Tensor, num_prefill_rows: int) -> torch.Tensor | None:
-    """linear's float weight where a decode step of one sequence on the GPU runs it through
-    hma.matvec with the norm before it inside; None elsewhere (more rows, 8-bit prefill weights,
-    the CPU, or input_amax's forward hooks, which must see the linear's own input)."""
-    weight = linear.float_weight_for(num_prefill_rows)
-    if not x.is_cuda or weight is None or linear._forward_hooks:
-        return None
-    from hma import matvec  # Triton ships with CUDA builds of torch, not CPU ones
-
-    return weight if matvec.fits(x, weight) else None
+            if matvec.fits(x, weight):
+                return matvec.gated_linear(x, weight)
+        return silu_and_mul(self.gate_up_proj(x, num_prefill_rows))
 
 
 class DecoderLayer(nn.Module):
@@ -197,35 +194,18 @@ class DecoderLayer(nn.Module):
     def before_attention(self, x: torch.Tensor, residual: torch.Tensor | None,
                          rope: tuple[torch.Tensor, torch.Tensor], num_prefill_rows: int
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(residual stream, q, k, v): the part of the layer before it touches the KV cache. A
-        decode step of one sequence on the GPU runs the add and norm inside the qkv product (at
-        batch 1 a small kernel's fixed cost, not its bytes, is what it costs)."""
-        norm = self.input_layernorm
-        weight = one_row_weight(self.self_attn.qkv_proj, x, num_prefill_rows)
-        if weight is not None:
-            from hma import matvec
-
-            residual, qkv = matvec.norm_linear(x, residual, norm.weight, norm.eps, weight)
-            return residual, *self.self_attn.heads(qkv, rope)
+        """(residual stream, q, k, v): the part of the layer before it touches the KV cache."""
         if residual is None:
-            residual, h = x, norm(x)
+            residual, h = x, self.input_layernorm(x)
         else:
-            residual, h = add_rms_norm(x, residual, norm.weight, norm.eps)
+            residual, h = add_rms_norm(x, residual, self.input_layernorm.weight, self.input_layernorm.eps)
         return residual, *self.self_attn.project(h, rope, num_prefill_rows)
 
     def after_attention(self, attn: torch.Tensor, residual: torch.Tensor,
                         num_prefill_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(MLP output, residual stream): the part of the layer after attention. One sequence on
-        the GPU: the add, the norm, gate/up and SiLU-and-mul are one kernel."""
+        """(MLP output, residual stream): the part of the layer after attention."""
         norm = self.post_attention_layernorm
-        out = self.self_attn.output(attn, num_prefill_rows)
-        weight = one_row_weight(self.mlp.gate_up_proj, out, num_prefill_rows)
-        if weight is not None:
-            from hma import matvec
-
-            residual, h = matvec.norm_linear(out, residual, norm.weight, norm.eps, weight, gated=True)
-            return self.mlp.down_proj(h, num_prefill_rows), residual
-        residual, h = add_rms_norm(out, residual, norm.weight, norm.eps)
+        residual, h = add_rms_norm(self.self_attn.output(attn, num_prefill_rows), residual, norm.weight, norm.eps)
         return self.mlp(h, num_prefill_rows), residual
 
 

@@ -52,24 +52,6 @@ def test_gated_linear_is_silu_and_mul_of_the_linear(dtype, tol, features, in_fea
     torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol * want.float().abs().max().item())
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (HALF, 2e-2)])
-@pytest.mark.parametrize("with_residual", [True, False])
-@pytest.mark.parametrize("gated", [False, True])
-def test_norm_linear_is_the_residual_add_and_rms_norm_then_the_product(dtype, tol, with_residual, gated):
-    x, residual = _randn(1, 300, dtype=dtype), _randn(1, 300, dtype=dtype, seed=2)  # 300: a tail in K
-    norm = (torch.rand(300, generator=torch.Generator().manual_seed(3)) + 0.5).to(DEVICE, dtype)
-    w = _randn(2 * 37 if gated else 37, 300, dtype=dtype, seed=1) * 0.1
-    summed, got = matvec.norm_linear(x, residual if with_residual else None, norm, 1e-6, w, gated,
-                                     matvec.MatvecConfig(2, 128, 2))
-    want_sum, h = (qwen3.add_rms_norm.reference(x, residual, norm, 1e-6) if with_residual
-                   else (x, qwen3.rms_norm.reference(x, norm, 1e-6)))
-    want = F.linear(h.float(), w.float()).to(dtype)
-    if gated:
-        want = qwen3.silu_and_mul.reference(want)
-    assert torch.equal(summed, want_sum) and got.shape == (1, 37) and got.dtype == dtype
-    torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol * want.float().abs().max().item())
-
-
 def test_gated_config_counts_a_feature_as_its_gate_and_its_up_row():
     gated = matvec.choose_config(2560, 2, gated=True)  # qwen3-4b's gate_up: 4 rows, 2 features
     assert (gated.features, gated.block_k, gated.num_warps) == (2, 512, 2)
@@ -79,28 +61,21 @@ def test_gated_config_counts_a_feature_as_its_gate_and_its_up_row():
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="the fused path is what a decode step of one sequence takes on a GPU")
-def test_a_layer_of_one_row_runs_each_norm_inside_the_product_after_it_and_matches_them_apart(monkeypatch):
-    config = dataclasses.replace(qwen3_shape("qwen3-4b"), hidden_size=256, intermediate_size=512, num_hidden_layers=1,
-                                 num_attention_heads=4, num_key_value_heads=2, head_dim=64)
-    model = qwen3.Qwen3ForCausalLM.create(config, torch.float32, DEVICE, max_positions=16)
-    model.init_random_()
-    layer = model.layers[0]
-    x, residual = _randn(1, 256, dtype=torch.float32), _randn(1, 256, dtype=torch.float32, seed=2)
-    rope = model.rope(torch.tensor([3], device=DEVICE), torch.float32)
-    attn = _randn(1, 4, 64, dtype=torch.float32, seed=3)
+def test_mlp_of_one_row_runs_gate_up_and_silu_as_one_kernel_and_matches_them_apart(monkeypatch):
+    config = dataclasses.replace(qwen3_shape("qwen3-4b"), hidden_size=256, intermediate_size=512, num_hidden_layers=1)
+    mlp = qwen3.Qwen3ForCausalLM.create(config, torch.float32, DEVICE, max_positions=16).layers[0].mlp
+    with torch.no_grad():
+        for param in mlp.parameters():
+            param.normal_(0, 0.05)
+    x = _randn(1, 256, dtype=torch.float32)
     calls = []
-    real = matvec.norm_linear
-    monkeypatch.setattr(matvec, "norm_linear", lambda *a, **k: calls.append(a) or real(*a, **k))
-
-    def run():
-        return layer.before_attention(x, residual, rope, 0), layer.after_attention(attn, residual, 0)
-
-    got = run()
-    assert len(calls) == 2
-    layer.self_attn.qkv_proj.register_forward_hook(lambda *a: None)  # input_amax's hooks must see the input
-    layer.mlp.gate_up_proj.register_forward_hook(lambda *a: None)
-    want = run()
-    assert len(calls) == 2
+    real = matvec.gated_linear
+    monkeypatch.setattr(matvec, "gated_linear", lambda *a, **k: calls.append(a) or real(*a, **k))
+    got = mlp(x, 0)
+    assert len(calls) == 1
+    mlp.gate_up_proj.register_forward_hook(lambda *a: None)  # input_amax's hooks must see gate_up's input
+    want = mlp(x, 0)
+    assert len(calls) == 1
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
@@ -123,8 +98,7 @@ def test_benchmark_times_each_linear_the_layer_chain_and_the_fused_layers_and_ch
     for run in result["runs"]:
         assert run["matvec"]["max_rel_diff"] < 1e-4 and run["cublas"]["max_rel_diff"] == 0
         assert run["matvec"]["seconds"] > 0
-    for name in ("fused", "norm_fused"):
-        assert layer[name]["max_rel_diff"] < 1e-4 and layer[name]["seconds"] > 0
+    assert layer["fused"]["max_rel_diff"] < 1e-4 and layer["fused"]["seconds"] > 0
 
 
 def test_matvec_benchmark_refuses_to_run_without_a_gpu():

@@ -5,9 +5,7 @@ For each Qwen3 shape, one row of x (a decode step of one sequence): a CUDA graph
 linear over every layer's own weight (distinct tensors, so nothing stays in L2), then the chain
 of a layer's four linears (qkv, o, gate_up, down), each feeding the next, over all layers: the
 weight traffic of a decode step; then the layers as a step runs them, attention left out (the
-norms and SiLU-and-mul as kernels of their own; SiLU-and-mul in gate_up's hma.matvec; and each
-add + RMSNorm inside the product after it as well, as a decode step of one sequence runs them).
-Median of graph replays; bytes are the weights read.
+norms and SiLU-and-mul as kernels of their own, or SiLU-and-mul in gate_up's hma.matvec). Median of graph replays; bytes are the weights read.
 Outputs are checked against F.linear. `--sweep` also times every launch configuration and names
 the fastest per linear, which is how hma.matvec's picks were made.
 """
@@ -99,8 +97,7 @@ def bench_layers(layers: list[dict[str, torch.Tensor]], device: torch.device, re
     """Every layer as a decode step of one sequence runs it, attention left out: add + RMSNorm,
     qkv, o (on q's slice), add + RMSNorm, gate_up, SiLU-and-mul, down, the norms and the
     activation as kernels of their own (hma.layer_kernels) beside cuBLAS or hma.matvec; fused:
-    hma.matvec with SiLU-and-mul in gate_up's kernel (gated_linear), one launch a layer fewer;
-    norm_fused: each add + RMSNorm inside the product after it too (norm_linear), two fewer."""
+    hma.matvec with SiLU-and-mul in gate_up's kernel (gated_linear), one launch a layer fewer."""
     from hma import matvec, qwen3
 
     dtype, hidden = layers[0]["qkv"].dtype, layers[0]["qkv"].shape[1]
@@ -120,18 +117,9 @@ def bench_layers(layers: list[dict[str, torch.Tensor]], device: torch.device, re
             return x
         return step
 
-    def norm_fused_step() -> torch.Tensor:
-        x, residual = x0, residual0
-        for w in layers:
-            residual, qkv = matvec.norm_linear(x, residual, norm, eps, w["qkv"])
-            o = matvec.linear(qkv[:, :q_size], w["o"])
-            residual, h = matvec.norm_linear(o, residual, norm, eps, w["gate_up"], gated=True)
-            x = matvec.linear(h, w["down"])
-        return x
-
     steps = {"cublas": layer_step(F.linear, lambda x, w: qwen3.silu_and_mul(F.linear(x, w))),
              "matvec": layer_step(matvec.linear, lambda x, w: qwen3.silu_and_mul(matvec.linear(x, w))),
-             "fused": layer_step(matvec.linear, matvec.gated_linear), "norm_fused": norm_fused_step}
+             "fused": layer_step(matvec.linear, matvec.gated_linear)}
     want = steps["cublas"]()
     out = {"bytes": sum(w.numel() * w.element_size() for layer in layers for w in layer.values())}
     for name, step in steps.items():
@@ -209,11 +197,6 @@ def print_table(out: dict) -> None:
                       f"({run['bytes'] / fused['seconds'] / 1e12:.2f} TB/s, "
                       f"{cublas['seconds'] / fused['seconds']:.2f}x cuBLAS, "
                       f"{ours['seconds'] / fused['seconds']:.2f}x matvec, diff {fused['max_rel_diff']:.1e})")
-            if "norm_fused" in run:
-                fused, normed = run["fused"], run["norm_fused"]
-                print(f"{'':>9} {'':>8} and add + RMSNorm inside the products: {normed['seconds'] * 1e6:.1f} us "
-                      f"({run['bytes'] / normed['seconds'] / 1e12:.2f} TB/s, "
-                      f"{fused['seconds'] / normed['seconds']:.2f}x the line above, diff {normed['max_rel_diff']:.1e})")
             swept = {k: v for k, v in run.items() if k.startswith("matvec ") and v["max_rel_diff"] < 0.02}
             if swept:
                 best = min(swept, key=lambda k: swept[k]["seconds"])
