@@ -21,8 +21,10 @@ from hma import kernels
 
 @triton.jit(do_not_specialize=["x_stride", "residual_stride"])
 def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, sum_ptr, x_stride, residual_stride, eps,
-                     COLS: tl.constexpr, BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+                     COLS: tl.constexpr, BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                     PDL: tl.constexpr = False):
     """One row: (x + residual, rounded, stored), then weight * (x * rsqrt(mean(x^2) + eps))."""
+    kernels.await_inputs(PDL)
     row = tl.program_id(0).to(tl.int64)
     c = tl.arange(0, BLOCK)
     mask = c < COLS
@@ -101,7 +103,9 @@ def _rotate_heads(x_ptr, out_ptr, token, x_stride, weight_ptr, cos_ptr, sin_ptr,
 def _norm_and_rotate_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, q_stride, k_stride, q_weight_ptr,
                             k_weight_ptr, cos_ptr, sin_ptr, eps, NUM_HEADS: tl.constexpr,
                             NUM_KV_HEADS: tl.constexpr, Q_ROWS: tl.constexpr, K_ROWS: tl.constexpr,
-                            HEAD_DIM: tl.constexpr, HALF_ROWS: tl.constexpr, HAS_NORM: tl.constexpr):
+                            HEAD_DIM: tl.constexpr, HALF_ROWS: tl.constexpr, HAS_NORM: tl.constexpr,
+                            PDL: tl.constexpr = False):
+    kernels.await_inputs(PDL)
     token = tl.program_id(0).to(tl.int64)
     _rotate_heads(q_ptr, q_out_ptr, token, q_stride, q_weight_ptr, cos_ptr, sin_ptr, eps, NUM_HEADS, Q_ROWS,
                   HEAD_DIM, HALF_ROWS, HAS_NORM)
@@ -132,8 +136,10 @@ def norm_and_rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: to
 
 
 @triton.jit(do_not_specialize=["x_stride"])
-def _silu_and_mul_kernel(x_ptr, out_ptr, x_stride, COLS: tl.constexpr, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, out_ptr, x_stride, COLS: tl.constexpr, BLOCK: tl.constexpr,
+                         PDL: tl.constexpr = False):
     """silu(gate) * up for BLOCK columns of one row: the silu rounded to the dtype, as F.silu's is."""
+    kernels.await_inputs(PDL)
     row = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = c < COLS

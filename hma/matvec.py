@@ -10,8 +10,10 @@ to reuse. A version taking two or four rows at once (one accumulator per row) lo
 (0.91x and 0.58x over the layer chain, a one-off run of a draft of the bench), so steps of more
 rows keep F.linear. gated_linear runs SwiGLU's silu(gate) * up in the gate/up product itself,
 one launch a layer fewer (1.02x over the layers of qwen3-4b and of qwen3-8b, attention left out).
-Reference: F.linear (and qwen3.silu_and_mul), which the tests hold the kernel to (on CPU through
-Triton's interpreter).
+Like every hma kernel of a step it launches with programmatic dependent launch on Hopper
+(kernels.await_inputs). Running the residual add and RMSNorm inside it as well was slower on an
+H100 (0.96x over the layers; c601ba8, reverted). Reference: F.linear (and qwen3.silu_and_mul),
+which the tests hold the kernel to (on CPU through Triton's interpreter).
 """
 
 from __future__ import annotations
@@ -63,11 +65,13 @@ def _load(ptr, mask, EVEN: tl.constexpr):
 
 @triton.jit
 def _matvec_kernel(x_ptr, w_ptr, y_ptr, out_features, in_features, w_stride,
-                   FEATURES: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr, GATED: tl.constexpr):
+                   FEATURES: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr, GATED: tl.constexpr,
+                   PDL: tl.constexpr = False):
     """y[n] for this program's FEATURES output features n: float32 sums of (FEATURES, BLOCK_K)
     products kept apart until the end, rounded once at the store as cuBLAS rounds. GATED: the
     weight is gate rows over up rows (2 * out_features of them) and y = silu(gate) * up, rounded
     where qwen3.silu_and_mul rounds."""
+    kernels.await_inputs(PDL)
     n = tl.program_id(0) * FEATURES + tl.arange(0, FEATURES)
     k = tl.arange(0, BLOCK_K)
     w_at = w_ptr + n.to(tl.int64)[:, None] * w_stride + k[None, :]

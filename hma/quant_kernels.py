@@ -98,7 +98,8 @@ def _quantize_store_int4(x_ptr, x_stride, pool_ptr, scales_ptr, token, slot, NUM
 def _store_kv_kernel(k_ptr, v_ptr, k_stride, v_stride, slots_ptr, k_pool, k_scales, v_pool, v_scales,
                      NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_ROWS: tl.constexpr,
                      DIM_ROWS: tl.constexpr, KIND: tl.constexpr, QMAX: tl.constexpr, ROUND: tl.constexpr,
-                     GROUP: tl.constexpr):
+                     GROUP: tl.constexpr, PDL: tl.constexpr = False):
+    kernels.await_inputs(PDL)
     token = tl.program_id(0).to(tl.int64)  # token * stride passes 2**31 for long prompts of wide models
     slot = tl.load(slots_ptr + token).to(tl.int64)
     if KIND == INT4:
@@ -115,8 +116,9 @@ def _store_kv_kernel(k_ptr, v_ptr, k_stride, v_stride, slots_ptr, k_pool, k_scal
 
 @triton.jit
 def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, cols, x_stride, QMAX: tl.constexpr, MIN_SCALE: tl.constexpr,
-                          ROUND: tl.constexpr, COLS: tl.constexpr):
+                          ROUND: tl.constexpr, COLS: tl.constexpr, PDL: tl.constexpr = False):
     """One row, in one pass: its absmax scale, then every value divided by it, clamped, cast."""
+    kernels.await_inputs(PDL)
     row = tl.program_id(0).to(tl.int64)
     c = tl.arange(0, COLS)
     mask = c < cols

@@ -122,23 +122,28 @@ layer_kernels.add_rms_norm(x, x, x[0], 1e-6)
 qkv = torch.zeros(3, 12, 128, dtype=torch.bfloat16)
 layer_kernels.norm_and_rotate(qkv[:, :8], qkv[:, 8:10], qkv[:, 0, None], qkv[:, 0, None], qkv[0, 0], qkv[0, 0], 1e-6)
 layer_kernels.silu_and_mul(torch.zeros(3, 512, dtype=torch.bfloat16))
+waits = 0
 for kernel, args, constexprs in launches:
     options = {k: constexprs.pop(k) for k in ("num_warps", "num_stages", "maxnreg") if k in constexprs}
     names = kernel.arg_names
     signature = {n: TYPES[a.dtype] if isinstance(a, torch.Tensor) else ("fp32" if isinstance(a, float) else "i32")
                  for n, a in zip(names, args)}
-    signature.update({n: "constexpr" for n in constexprs})
-    source = ASTSource(fn=kernel, signature=signature,
-                       constexprs={(names.index(n),): v for n, v in constexprs.items()})
-    triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
-print("compiled", len(launches))
+    for pdl in (False, True):  # as launched without programmatic dependent launch, and with it
+        constexprs["PDL"] = pdl
+        signature.update({n: "constexpr" for n in constexprs})
+        source = ASTSource(fn=kernel, signature=signature,
+                           constexprs={(names.index(n),): v for n, v in constexprs.items()})
+        ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
+        assert ("griddepcontrol.wait" in ptx) == pdl, kernel.__name__
+        waits += pdl
+print("compiled", len(launches), "pdl", waits)
 '''
 
 
 def test_kernels_compile_for_an_h100_without_one():
     """The interpreter does not type-check like the compiler: compile every format's kernels, the
     matrix-vector and the layer kernels for sm_90 (no GPU needed), so a kernel that only the GPU
-    would reject fails here too."""
+    would reject fails here too; each also as launched with PDL, where it waits on its inputs."""
     import os
     import subprocess
     import sys
@@ -149,7 +154,7 @@ def test_kernels_compile_for_an_h100_without_one():
     assert result.returncode == 0, result.stderr[-3000:]
     storable = sum(can_write_kv(f) for f in KV_FORMATS.values())
     launches = 2 * len(KV_FORMATS) + storable + 2 + 5  # + matvec twice, the layer kernels thrice
-    assert result.stdout.split() == ["compiled", str(launches)]
+    assert result.stdout.split() == ["compiled", str(launches), "pdl", str(launches)]
 
 
 def _same_bytes(got: torch.Tensor, want: torch.Tensor) -> None:
