@@ -122,7 +122,6 @@ layer_kernels.add_rms_norm(x, x, x[0], 1e-6)
 qkv = torch.zeros(3, 12, 128, dtype=torch.bfloat16)
 layer_kernels.norm_and_rotate(qkv[:, :8], qkv[:, 8:10], qkv[:, 0, None], qkv[:, 0, None], qkv[0, 0], qkv[0, 0], 1e-6)
 layer_kernels.silu_and_mul(torch.zeros(3, 512, dtype=torch.bfloat16))
-waits = 0
 for kernel, args, constexprs in launches:
     options = {k: constexprs.pop(k) for k in ("num_warps", "num_stages", "maxnreg") if k in constexprs}
     names = kernel.arg_names
@@ -135,8 +134,7 @@ for kernel, args, constexprs in launches:
                            constexprs={(names.index(n),): v for n, v in constexprs.items()})
         ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
         assert ("griddepcontrol.wait" in ptx) == pdl, kernel.__name__
-        waits += pdl
-print("compiled", len(launches), "pdl", waits)
+print("compiled", len(launches))
 '''
 
 
@@ -154,7 +152,7 @@ def test_kernels_compile_for_an_h100_without_one():
     assert result.returncode == 0, result.stderr[-3000:]
     storable = sum(can_write_kv(f) for f in KV_FORMATS.values())
     launches = 2 * len(KV_FORMATS) + storable + 2 + 5  # + matvec twice, the layer kernels thrice
-    assert result.stdout.split() == ["compiled", str(launches), "pdl", str(launches)]
+    assert result.stdout.split() == ["compiled", str(launches)]
 
 
 def _same_bytes(got: torch.Tensor, want: torch.Tensor) -> None:
