@@ -69,15 +69,12 @@ def gather_kv(cache: LayerKV, block_tables: torch.Tensor, dtype: torch.dtype) ->
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerKV,
-                    batch: Batch, scale: float, out: torch.Tensor | None = None,
-                    kv_written: bool = False) -> torch.Tensor:
+                    batch: Batch, scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
     """q: (rows, heads, dim); k, v: (rows, kv_heads, dim), the batch's tokens first: rows past
     them (the piecewise graphs' fixed buffers) are padding that fresh prompts may attend over
-    instead of a padded copy, and come back unset. Returns like q (into out, if given).
-    kv_written: k and v are in the cache already (the kernel that rotated k wrote them)."""
+    instead of a padded copy, and come back unset. Returns like q (into out, if given)."""
     n = batch.slot_mapping.shape[0]
-    if not kv_written:
-        write_kv(cache, k[:n], v[:n], batch.slot_mapping)
+    write_kv(cache, k[:n], v[:n], batch.slot_mapping)
     if batch.num_prefills == 0:
         decoded = _decode(q[:n], cache, batch.block_tables, batch.seq_lens, scale)
         return decoded if out is None else out[:n].copy_(decoded)

@@ -16,8 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hma import kernels, quant_kernels
-from hma.kv_cache import LayerKV
+from hma import kernels
 
 
 @triton.jit(do_not_specialize=["x_stride", "residual_stride"])
@@ -100,27 +99,18 @@ def _rotate_heads(x_ptr, out_ptr, token, x_stride, weight_ptr, cos_ptr, sin_ptr,
     tl.store(out + half, out2, mask=mask)
 
 
-@triton.jit(do_not_specialize=["q_stride", "k_stride", "v_stride"])
+@triton.jit(do_not_specialize=["q_stride", "k_stride"])
 def _norm_and_rotate_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, q_stride, k_stride, q_weight_ptr,
-                            k_weight_ptr, cos_ptr, sin_ptr, eps, v_ptr, v_stride, slots_ptr, k_pool, k_scales,
-                            v_pool, v_scales, NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
-                            Q_ROWS: tl.constexpr, K_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                            HALF_ROWS: tl.constexpr, HAS_NORM: tl.constexpr, STORE: tl.constexpr = False,
-                            DIM_ROWS: tl.constexpr = 1, KIND: tl.constexpr = 0, QMAX: tl.constexpr = 0.0,
-                            ROUND: tl.constexpr = False, GROUP: tl.constexpr = 1, PDL: tl.constexpr = False):
-    """One token's q and k normed and rotated; with STORE, its rotated k and its v then written to
-    its cache slot (quant_kernels.store_token_kv, reading k back from k_out)."""
+                            k_weight_ptr, cos_ptr, sin_ptr, eps, NUM_HEADS: tl.constexpr,
+                            NUM_KV_HEADS: tl.constexpr, Q_ROWS: tl.constexpr, K_ROWS: tl.constexpr,
+                            HEAD_DIM: tl.constexpr, HALF_ROWS: tl.constexpr, HAS_NORM: tl.constexpr,
+                            PDL: tl.constexpr = False):
     kernels.await_inputs(PDL)
     token = tl.program_id(0).to(tl.int64)
     _rotate_heads(q_ptr, q_out_ptr, token, q_stride, q_weight_ptr, cos_ptr, sin_ptr, eps, NUM_HEADS, Q_ROWS,
                   HEAD_DIM, HALF_ROWS, HAS_NORM)
     _rotate_heads(k_ptr, k_out_ptr, token, k_stride, k_weight_ptr, cos_ptr, sin_ptr, eps, NUM_KV_HEADS, K_ROWS,
                   HEAD_DIM, HALF_ROWS, HAS_NORM)
-    if STORE:
-        tl.debug_barrier()  # k_out's values are read back by other threads than those that stored them
-        quant_kernels.store_token_kv(k_out_ptr, v_ptr, NUM_KV_HEADS * HEAD_DIM, v_stride, slots_ptr, k_pool,
-                                     k_scales, v_pool, v_scales, token, NUM_KV_HEADS, HEAD_DIM, K_ROWS, DIM_ROWS,
-                                     KIND, QMAX, ROUND, GROUP)
 
 
 def norm_and_rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -128,25 +118,6 @@ def norm_and_rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: to
                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """qwen3.norm_and_rotate: q (tokens, heads, head_dim), k (tokens, kv_heads, head_dim), each with
     its heads contiguous in a token (views of the fused QKV output are); cos/sin (tokens, 1, head_dim)."""
-    return _norm_and_rotate(q, k, cos, sin, q_weight, k_weight, eps)
-
-
-def norm_rotate_and_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
-                          sin: torch.Tensor, q_weight: torch.Tensor | None, k_weight: torch.Tensor | None,
-                          eps: float, cache: LayerKV, slot_mapping: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """norm_and_rotate, and in the same kernel the rotated k and v (like k) quantized into the
-    cache at slot_mapping (one slot per token), the bytes attention.write_kv stores: a decode step
-    runs one kernel a layer fewer. The cache's format must be one quant_kernels.can_write_kv takes."""
-    assert slot_mapping.shape[0] == k.shape[0] and v.shape == k.shape
-    assert v.stride(1) == k.shape[2] and v.stride(2) == 1
-    store = dict(STORE=True, DIM_ROWS=triton.next_power_of_2(k.shape[2]), **quant_kernels.format_constexprs(cache.format))
-    return _norm_and_rotate(q, k, cos, sin, q_weight, k_weight, eps,
-                            (v, v.stride(0), slot_mapping, *cache.tensors), store)
-
-
-def _norm_and_rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                     q_weight: torch.Tensor | None, k_weight: torch.Tensor | None, eps: float,
-                     store_args: tuple | None = None, store: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     assert q.stride(1) == k.stride(1) == head_dim and q.stride(2) == k.stride(2) == 1
@@ -154,15 +125,13 @@ def _norm_and_rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: t
     q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     has_norm = q_weight is not None
-    # without a store, k stands in for its pointers (STORE=False reads none of them)
-    store_args = store_args or (k, 0, k, k, k, k, k)
     if num_tokens:
         kernels.triton_launch(
             _norm_and_rotate_kernel, (num_tokens,), q, k, q_out, k_out, q.stride(0), k.stride(0),
-            q_weight if has_norm else q, k_weight if has_norm else k, cos, sin, eps, *store_args,
+            q_weight if has_norm else q, k_weight if has_norm else k, cos, sin, eps,
             NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, Q_ROWS=triton.next_power_of_2(num_heads),
             K_ROWS=triton.next_power_of_2(num_kv_heads), HEAD_DIM=head_dim,
-            HALF_ROWS=triton.next_power_of_2(head_dim // 2), HAS_NORM=has_norm, **(store or {}))
+            HALF_ROWS=triton.next_power_of_2(head_dim // 2), HAS_NORM=has_norm)
     return q_out, k_out
 
 

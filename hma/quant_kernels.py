@@ -95,12 +95,12 @@ def _quantize_store_int4(x_ptr, x_stride, pool_ptr, scales_ptr, token, slot, NUM
 
 
 @triton.jit
-def store_token_kv(k_ptr, v_ptr, k_stride, v_stride, slots_ptr, k_pool, k_scales, v_pool, v_scales, token,
-                   NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_ROWS: tl.constexpr,
-                   DIM_ROWS: tl.constexpr, KIND: tl.constexpr, QMAX: tl.constexpr, ROUND: tl.constexpr,
-                   GROUP: tl.constexpr):
-    """One token's K and V quantized into its slot: write_kv's kernel, and the tail of a kernel
-    that has just produced them (layer_kernels.norm_rotate_and_store)."""
+def _store_kv_kernel(k_ptr, v_ptr, k_stride, v_stride, slots_ptr, k_pool, k_scales, v_pool, v_scales,
+                     NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_ROWS: tl.constexpr,
+                     DIM_ROWS: tl.constexpr, KIND: tl.constexpr, QMAX: tl.constexpr, ROUND: tl.constexpr,
+                     GROUP: tl.constexpr, PDL: tl.constexpr = False):
+    kernels.await_inputs(PDL)
+    token = tl.program_id(0).to(tl.int64)  # token * stride passes 2**31 for long prompts of wide models
     slot = tl.load(slots_ptr + token).to(tl.int64)
     if KIND == INT4:
         _quantize_store_int4(k_ptr, k_stride, k_pool, k_scales, token, slot, NUM_KV_HEADS, HEAD_DIM, HEAD_ROWS,
@@ -112,17 +112,6 @@ def store_token_kv(k_ptr, v_ptr, k_stride, v_stride, slots_ptr, k_pool, k_scales
                         DIM_ROWS, KIND, QMAX, ROUND)
         _quantize_store(v_ptr, v_stride, v_pool, v_scales, token, slot, NUM_KV_HEADS, HEAD_DIM, HEAD_ROWS,
                         DIM_ROWS, KIND, QMAX, ROUND)
-
-
-@triton.jit
-def _store_kv_kernel(k_ptr, v_ptr, k_stride, v_stride, slots_ptr, k_pool, k_scales, v_pool, v_scales,
-                     NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_ROWS: tl.constexpr,
-                     DIM_ROWS: tl.constexpr, KIND: tl.constexpr, QMAX: tl.constexpr, ROUND: tl.constexpr,
-                     GROUP: tl.constexpr, PDL: tl.constexpr = False):
-    kernels.await_inputs(PDL)
-    token = tl.program_id(0).to(tl.int64)  # token * stride passes 2**31 for long prompts of wide models
-    store_token_kv(k_ptr, v_ptr, k_stride, v_stride, slots_ptr, k_pool, k_scales, v_pool, v_scales, token,
-                   NUM_KV_HEADS, HEAD_DIM, HEAD_ROWS, DIM_ROWS, KIND, QMAX, ROUND, GROUP)
 
 
 @triton.jit
@@ -162,23 +151,17 @@ def can_write_kv(fmt: KVFormat) -> bool:
     return isinstance(fmt, (CastFormat, AbsmaxFormat, Int4Format))
 
 
-def format_constexprs(fmt: KVFormat) -> dict:
-    """store_token_kv's constexprs that come from the cache's format (one can_write_kv takes)."""
-    assert can_write_kv(fmt)
-    kind, group = family(fmt)
-    return dict(KIND=kind, QMAX=getattr(fmt, "qmax", 0.0), ROUND=not fmt.payload_dtype.is_floating_point,
-                GROUP=group)
-
-
 def write_kv(cache: LayerKV, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """Quantizes each token's K and V (num_tokens, kv_heads, head_dim) into its slot of the pools,
     in one kernel: attention.write_kv's reference arithmetic, bit for bit."""
     num_tokens, num_kv_heads, head_dim = k.shape
     if num_tokens == 0:
         return
-    assert k.stride(1) == v.stride(1) == head_dim and k.stride(2) == v.stride(2) == 1
+    fmt = cache.format
+    assert can_write_kv(fmt) and k.stride(1) == v.stride(1) == head_dim and k.stride(2) == v.stride(2) == 1
+    kind, group = family(fmt)
     kernels.triton_launch(
         _store_kv_kernel, (num_tokens,), k, v, k.stride(0), v.stride(0), slot_mapping,
         cache.k, cache.k_scales, cache.v, cache.v_scales, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
         HEAD_ROWS=triton.next_power_of_2(num_kv_heads), DIM_ROWS=triton.next_power_of_2(head_dim),
-        **format_constexprs(cache.format))
+        KIND=kind, QMAX=getattr(fmt, "qmax", 0.0), ROUND=not fmt.payload_dtype.is_floating_point, GROUP=group)

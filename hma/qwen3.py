@@ -124,42 +124,23 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
 
-    def project(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], num_prefill_rows: int,
-                kv_slots: tuple[LayerKV, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def project(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                num_prefill_rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q (num_tokens, heads, head_dim), k and v (num_tokens, kv_heads, head_dim), normed
-        (Qwen3) and rotated: everything before attention reads the cache. With kv_slots
-        (cache, slot_mapping), where writes_kv_on_project allows it, k and v are also written to
-        the cache, by the rotation's own kernel."""
+        (Qwen3) and rotated: everything before attention reads the cache."""
         qkv = self.qkv_proj(x, num_prefill_rows)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         q_weight, k_weight = (self.q_norm.weight, self.k_norm.weight) if self.qk_norm else (None, None)
-        if kv_slots is None:
-            q, k = norm_and_rotate(q, k, *rope, q_weight, k_weight, self.eps)
-        else:
-            from hma import layer_kernels  # writes_kv_on_project: on CUDA only
-
-            q, k = layer_kernels.norm_rotate_and_store(q, k, v, *rope, q_weight, k_weight, self.eps, *kv_slots)
+        q, k = norm_and_rotate(q, k, *rope, q_weight, k_weight, self.eps)
         return q, k, v
 
-    @staticmethod
-    def writes_kv_on_project(x: torch.Tensor, cache: LayerKV) -> bool:
-        """Whether project can write K/V to this cache itself: on CUDA, in the formats the store
-        kernel takes. A decode step's K/V store is then no kernel of its own (36 launches fewer a
-        step for qwen3-4b, each of which cost a few microseconds at any batch size)."""
-        if not x.is_cuda:
-            return False
-        from hma import quant_kernels
-
-        return quant_kernels.can_write_kv(cache.format)
-
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: Batch, cache: LayerKV,
-               out: torch.Tensor | None = None, kv_written: bool = False) -> torch.Tensor:
-        """Writes k, v to the cache (unless project has, kv_written) and attends:
-        (num_tokens, heads, head_dim), into out if given."""
-        return paged_attention(q, k, v, cache, batch, self.head_dim ** -0.5, out, kv_written)
+               out: torch.Tensor | None = None) -> torch.Tensor:
+        """Writes k, v to the cache and attends: (num_tokens, heads, head_dim), into out if given."""
+        return paged_attention(q, k, v, cache, batch, self.head_dim ** -0.5, out)
 
     def output(self, attn: torch.Tensor, num_prefill_rows: int) -> torch.Tensor:
         return self.o_proj(attn.reshape(-1, self.q_size), num_prefill_rows)
@@ -207,22 +188,18 @@ class DecoderLayer(nn.Module):
         """x: the last layer's MLP output, not yet added to residual (None: x is the embedding).
         Returns this layer's (MLP output, residual stream before it)."""
         n = batch.num_prefill_precision_tokens
-        kv_slots = (cache, batch.slot_mapping) if self.self_attn.writes_kv_on_project(x, cache) else None
-        residual, q, k, v = self.before_attention(x, residual, rope, n, kv_slots)
-        attn = self.self_attn.attend(q, k, v, batch, cache, kv_written=kv_slots is not None)
-        return self.after_attention(attn, residual, n)
+        residual, q, k, v = self.before_attention(x, residual, rope, n)
+        return self.after_attention(self.self_attn.attend(q, k, v, batch, cache), residual, n)
 
     def before_attention(self, x: torch.Tensor, residual: torch.Tensor | None,
-                         rope: tuple[torch.Tensor, torch.Tensor], num_prefill_rows: int,
-                         kv_slots: tuple[LayerKV, torch.Tensor] | None = None
+                         rope: tuple[torch.Tensor, torch.Tensor], num_prefill_rows: int
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(residual stream, q, k, v): the part of the layer before attention, which touches the KV
-        cache only to write k and v where kv_slots asks (Attention.project)."""
+        """(residual stream, q, k, v): the part of the layer before it touches the KV cache."""
         if residual is None:
             residual, h = x, self.input_layernorm(x)
         else:
             residual, h = add_rms_norm(x, residual, self.input_layernorm.weight, self.input_layernorm.eps)
-        return residual, *self.self_attn.project(h, rope, num_prefill_rows, kv_slots)
+        return residual, *self.self_attn.project(h, rope, num_prefill_rows)
 
     def after_attention(self, attn: torch.Tensor, residual: torch.Tensor,
                         num_prefill_rows: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,7 +11,6 @@ from hma.kernels import DecodeConfig, choose_partition, paged_decode_attention
 from hma.quant_kernels import can_write_kv
 from hma.kv_cache import LayerKV
 from hma.kv_formats import KV_FORMATS, get_kv_format
-from tests.helpers import same_bytes
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 6, 2, 64, 8  # 3 query heads per KV head, as the demo model
@@ -97,7 +96,7 @@ COMPILE_FOR_HOPPER = r'''
 import sys, torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from hma import kernels, layer_kernels, matvec, quant_kernels
+from hma import kernels, quant_kernels
 from hma.kv_cache import LayerKV
 from hma.kv_formats import get_kv_format
 
@@ -112,13 +111,10 @@ for name in sys.argv[1:]:
     if quant_kernels.can_write_kv(layer.format):
         kv = torch.zeros(3, 3, 8, 128, dtype=torch.bfloat16)
         quant_kernels.write_kv(layer, kv[:, 1], kv[:, 2], torch.zeros(3, dtype=torch.long))
-        qkv = torch.zeros(3, 48, 128, dtype=torch.bfloat16)
-        layer_kernels.norm_rotate_and_store(qkv[:, :32], qkv[:, 32:40], qkv[:, 40:], qkv[:, 0, None],
-                                            qkv[:, 0, None], qkv[0, 0], qkv[0, 0], 1e-6, layer,
-                                            torch.zeros(3, dtype=torch.long))
 from hma.quant import MIN_SCALE, ROW_QMAX
 for mode, qmax in ROW_QMAX.items():
     quant_kernels.quantize_rows(torch.zeros(3, 2560, dtype=torch.bfloat16), mode, qmax, MIN_SCALE)
+from hma import layer_kernels, matvec
 x, w = torch.zeros(1, 2560, dtype=torch.bfloat16), torch.zeros(64, 2560, dtype=torch.bfloat16)
 matvec.linear(x, w)
 matvec.gated_linear(x, w)
@@ -128,8 +124,6 @@ layer_kernels.norm_and_rotate(qkv[:, :8], qkv[:, 8:10], qkv[:, 0, None], qkv[:, 
 layer_kernels.silu_and_mul(torch.zeros(3, 512, dtype=torch.bfloat16))
 for kernel, args, constexprs in launches:
     options = {k: constexprs.pop(k) for k in ("num_warps", "num_stages", "maxnreg") if k in constexprs}
-    # constexprs a launch leaves at their defaults must be named to the compiler too
-    constexprs = {**{p.name: p.default for p in kernel.params if p.is_constexpr and p.has_default}, **constexprs}
     names = kernel.arg_names
     signature = {n: TYPES[a.dtype] if isinstance(a, torch.Tensor) else ("fp32" if isinstance(a, float) else "i32")
                  for n, a in zip(names, args)}
@@ -157,10 +151,20 @@ def test_kernels_compile_for_an_h100_without_one():
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     storable = sum(can_write_kv(f) for f in KV_FORMATS.values())
-    # attention and its merge per format, the K/V store twice (alone, and inside the rotation) per
-    # format it takes, + matvec twice, the other layer kernels five times
-    launches = 2 * len(KV_FORMATS) + 2 * storable + 2 + 5
+    launches = 2 * len(KV_FORMATS) + storable + 2 + 5  # + matvec twice, the layer kernels thrice
     assert result.stdout.split() == ["compiled", str(launches)]
+
+
+def _same_bytes(got: torch.Tensor, want: torch.Tensor) -> None:
+    """Byte equality; on the CPU, float8 and bfloat16 payloads need only mostly match: Triton's
+    interpreter converts to them in numpy, which gets the rounding wrong where it carries into
+    the next power of two (31.9 -> 16 in float8), a few values in each test."""
+    emulated = DEVICE == "cpu" and got.dtype in (torch.bfloat16, torch.float8_e4m3fn)
+    got, want = got.cpu().view(torch.uint8), want.view(torch.uint8)
+    if emulated:
+        assert (got == want).float().mean() > 0.95
+    else:
+        assert torch.equal(got, want)
 
 
 # The references run on the CPU: eager CUDA PyTorch divides by a Python number through its
@@ -182,7 +186,7 @@ def test_fused_kv_write_stores_exactly_what_the_cpu_reference_writes(name, head_
     quant_kernels.write_kv(fused, k.to(DEVICE), v.to(DEVICE), slots.to(DEVICE))
     write_kv_reference(reference, k, v, slots)
     for got, want in zip(fused.tensors, reference.tensors):
-        same_bytes(got, want)
+        _same_bytes(got, want)
 
 
 @pytest.mark.parametrize("mode", ["fp8", "int8"])
@@ -196,7 +200,7 @@ def test_row_quantization_kernel_gives_the_cpu_reference_bytes_and_scales(mode):
     got_q, got_scale = quant_kernels.quantize_rows(x.to(DEVICE), mode, ROW_QMAX[mode], MIN_SCALE)
     want_q, want_scale = quantize_rows(x, mode)
     assert torch.equal(got_scale.cpu(), want_scale)
-    same_bytes(got_q, want_q)
+    _same_bytes(got_q, want_q)
 
 
 def test_decode_warm_up_meets_every_partition_and_merge_width_and_leaves_the_cache_alone():

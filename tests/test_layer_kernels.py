@@ -5,10 +5,6 @@ import pytest
 import torch
 
 from hma import layer_kernels, qwen3
-from hma.attention import write_kv_reference
-from hma.kv_cache import LayerKV
-from hma.kv_formats import get_kv_format
-from tests.helpers import same_bytes
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Triton's interpreter has no bfloat16 (numpy lacks it): the CPU checks half precision in float16.
@@ -50,32 +46,6 @@ def test_norm_and_rotate_matches_the_reference_on_views_of_the_fused_projection(
     for g, w in zip(got, want):
         assert g.shape == w.shape and g.is_contiguous()
         torch.testing.assert_close(g, w, rtol=tol, atol=tol)
-
-
-@pytest.mark.parametrize("name", ["fp32", "fp16", "fp8", "int8", "int4"])
-@pytest.mark.parametrize("qk_norm", [True, False])
-def test_rotation_that_stores_kv_writes_the_bytes_write_kv_writes(name, qk_norm):
-    """norm_rotate_and_store: norm_and_rotate's q and k, and the cache bytes the CPU reference
-    write_kv stores for that rotated k and the projection's v, at every slot asked for."""
-    tokens, heads, kv_heads, head_dim, block = 5, 6, 3, 64, 4  # 3 KV heads: a padded head count
-    dtype = torch.float32 if name == "fp32" else HALF
-    qkv = _randn(tokens, (heads + 2 * kv_heads) * head_dim, dtype=dtype, scale=2.0)
-    q, k, v = (t.view(tokens, -1, head_dim) for t in qkv.split([heads * head_dim, kv_heads * head_dim,
-                                                                kv_heads * head_dim], dim=-1))
-    rope = qwen3.RotaryEmbedding(head_dim, 10000.0, 64).to(DEVICE)
-    cos, sin = rope(torch.tensor([0, 3, 17, 40, 63], device=DEVICE), dtype)
-    weights = (_randn(head_dim, dtype=dtype, seed=3), _randn(head_dim, dtype=dtype, seed=4)) if qk_norm else (None, None)
-    slots = torch.tensor([9, 2, 23, 0, 14])
-    fmt = get_kv_format(name)
-    cache = LayerKV.empty(fmt, 6, block, kv_heads, head_dim, DEVICE)
-    got_q, got_k = layer_kernels.norm_rotate_and_store(q, k, v, cos, sin, *weights, 1e-6, cache, slots.to(DEVICE))
-    want_q, want_k = layer_kernels.norm_and_rotate(q, k, cos, sin, *weights, 1e-6)
-    torch.testing.assert_close(got_q, want_q, rtol=0, atol=0)
-    torch.testing.assert_close(got_k, want_k, rtol=0, atol=0)
-    reference = LayerKV.empty(fmt, 6, block, kv_heads, head_dim, "cpu")
-    write_kv_reference(reference, got_k.cpu(), v.cpu(), slots)
-    for got, want in zip(cache.tensors, reference.tensors):
-        same_bytes(got, want)
 
 
 @pytest.mark.parametrize("dtype,tol", DTYPES)
