@@ -51,6 +51,10 @@ def test_markdown_tables_show_each_point_its_floor_ratio_and_the_baseline():
     assert "| fp8 | 1,234 (10%) |" in text
     assert "| qwen3-4b | 1 | 40.0 | 4.00 | 10.0 | 2.00 | 20.0 |" in text
     assert "as served / eager" not in text, "a run without eager timings gets no such table"
+    assert "GPU work alone" not in text, "nor one without the steps' GPU times"
+    shape["decode"][0].update(gpu_step_s=0.003, x_floor_gpu=1.5)
+    gpu_table = markdown_tables([{"shapes": [shape]}]).split("GPU work alone")[1]
+    assert "| bf16 | 1,024 | 3.00 (1.50) | does not fit |" in gpu_table
     shape["prefill"][0].update(seconds=0.01, eager_s=0.025)
     assert "| fp8 | 10.0 / 25.0 (2.50) |" in markdown_tables([{"shapes": [shape]}])
 

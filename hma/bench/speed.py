@@ -7,6 +7,9 @@ and transformers as the baseline.
 2. Decode: one step (CUDA graph replay, greedy sampling, tokens back on the host) for each
    shape x KV format x context x batch; the floor is the bytes a step must read (every weight
    once, plus the KV of every token) over the copy bandwidth, and the ratio is step / floor.
+   Each point also times the step's GPU work alone: the graph replayed back to back on the
+   same inputs (CUDA events), so the host's share of a step (inputs, launch, tokens read back)
+   shows as the difference, which overlapped engine steps hide.
 3. Whole engine steps (host work included) in steady greedy decode, plain and overlapped.
 4. Prefill: one prompt of each length per prefill precision (its KV written in the same 8-bit
    format, bf16 KV for bf16), tokens/s and model FLOPs utilisation against the bf16 peak, and
@@ -43,6 +46,7 @@ MATMUL_SIZE = 8192
 COPY_BYTES = 1 << 30
 MEMORY_HEADROOM = 6e9  # bytes left free beside weights and KV for activations and graphs
 ENGINE_WINDOW_STEPS = 10  # engine steps per timed window of bench_engine_steps
+BACK_TO_BACK = 10  # graph replays per timed run of gpu_step_seconds
 
 
 def median_seconds(fn: Callable[[], object], device: torch.device, iters: int, warmup: int = 2) -> float:
@@ -55,6 +59,21 @@ def median_seconds(fn: Callable[[], object], device: torch.device, iters: int, w
         _sync(device)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def gpu_step_seconds(graphs: DecodeGraphs, num_seqs: int, device: torch.device, iters: int) -> float:
+    """Median GPU time of one decode step over iters runs of BACK_TO_BACK replays of its graph on
+    the inputs already uploaded: nothing of the host's work sits between them."""
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(BACK_TO_BACK):
+            graphs.replay_uploaded(num_seqs)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / BACK_TO_BACK)
     return statistics.median(times)
 
 
@@ -137,11 +156,13 @@ def bench_decode(model: Qwen3ForCausalLM, kv_dtype: str, contexts: list[int], ba
             blocks = cache.allocator.allocate(need)
             decodes = chunks(bs, 1, config.vocab_size, context - 1, blocks)
             seconds = median_seconds(lambda: graphs.run(decodes).argmax(-1).tolist(), device, iters)
+            gpu_seconds = gpu_step_seconds(graphs, bs, device, iters)  # on the inputs the last run uploaded
             cache.allocator.free(blocks)
             kv_bytes = bs * context * kv_bytes_per_token(config, fmt)
             floor = (weights + kv_bytes) / bandwidth
             rows.append({**row, "step_s": seconds, "tok_s": bs / seconds, "floor_s": floor,
-                         "weight_bytes": weights, "kv_bytes": kv_bytes, "x_floor": seconds / floor})
+                         "weight_bytes": weights, "kv_bytes": kv_bytes, "x_floor": seconds / floor,
+                         "gpu_step_s": gpu_seconds, "x_floor_gpu": gpu_seconds / floor})
     return rows
 
 
@@ -343,7 +364,8 @@ def _print_peaks(peaks: dict[str, float]) -> None:
 
 def _print_shape(result: dict) -> None:
     print(f"\n{result['shape']} decode step")
-    print(f"{'kv':>5} {'context':>7} {'batch':>5} {'step ms':>8} {'floor ms':>8} {'x floor':>7} {'tok/s':>9} {'x hf':>6}")
+    print(f"{'kv':>5} {'context':>7} {'batch':>5} {'step ms':>8} {'floor ms':>8} {'x floor':>7} {'tok/s':>9} {'x hf':>6}"
+          f" {'gpu ms':>7} {'x floor':>7}")
     hf = {r["batch_size"]: r for r in result["transformers"]}
     for r in result["decode"]:
         if "skipped" in r:
@@ -352,7 +374,8 @@ def _print_shape(result: dict) -> None:
         base = hf.get(r["batch_size"]) if r["context_len"] == min(x["context_len"] for x in result["decode"]) else None
         versus = f"{r['tok_s'] / base['tok_s']:>6.1f}" if base else f"{'':>6}"
         print(f"{r['kv_dtype']:>5} {r['context_len']:>7} {r['batch_size']:>5} {r['step_s'] * 1e3:>8.2f} "
-              f"{r['floor_s'] * 1e3:>8.2f} {r['x_floor']:>7.2f} {r['tok_s']:>9,.0f} {versus}")
+              f"{r['floor_s'] * 1e3:>8.2f} {r['x_floor']:>7.2f} {r['tok_s']:>9,.0f} {versus} "
+              f"{r['gpu_step_s'] * 1e3:>7.2f} {r['x_floor_gpu']:>7.2f}")
     for r in result.get("engine", []):
         print(f"engine step, async_scheduling={r['async_scheduling']}: batch {r['batch_size']}, context "
               f"{r['context_len']}: {r['step_s'] * 1e3:.2f} ms, {r['tok_s']:,.0f} tok/s")
@@ -375,17 +398,26 @@ def markdown_tables(runs: list[dict]) -> str:
     out = []
     for run in runs:
         for shape in run["shapes"]:
-            out += _decode_table(shape) + _engine_table(shape) + _prefill_table(shape) + _baseline_table(shape)
+            out += (_decode_table(shape) + _gpu_decode_table(shape) + _engine_table(shape) + _prefill_table(shape)
+                    + _baseline_table(shape))
     return "\n".join(out)
 
 
-def _decode_table(shape: dict) -> list[str]:
+def _gpu_decode_table(shape: dict) -> list[str]:
+    """The decode table of the steps' GPU work alone (runs saved before it was timed have none)."""
+    if not any("gpu_step_s" in r for r in shape["decode"]):
+        return []
+    return _decode_table(shape, "gpu_step_s", "x_floor_gpu",
+                         f"Decode step, {shape['shape']}, GPU work alone (graph replays back to back): ms (x floor)")
+
+
+def _decode_table(shape: dict, step: str = "step_s", ratio: str = "x_floor", title: str | None = None) -> list[str]:
     batches = sorted({r["batch_size"] for r in shape["decode"]})
-    lines = [f"Decode step, {shape['shape']}: ms (x floor)", "",
+    lines = [title or f"Decode step, {shape['shape']}: ms (x floor)", "",
              "| KV | context | " + " | ".join(f"batch {b}" for b in batches) + " |",
              "|---|---:|" + "---:|" * len(batches)]
     for (kv, context) in dict.fromkeys((r["kv_dtype"], r["context_len"]) for r in shape["decode"]):
-        cells = {r["batch_size"]: ("does not fit" if "skipped" in r else f"{r['step_s'] * 1e3:.2f} ({r['x_floor']:.2f})")
+        cells = {r["batch_size"]: ("does not fit" if "skipped" in r else f"{r[step] * 1e3:.2f} ({r[ratio]:.2f})")
                  for r in shape["decode"] if (r["kv_dtype"], r["context_len"]) == (kv, context)}
         lines.append(f"| {kv} | {context:,} | " + " | ".join(cells.get(b, "") for b in batches) + " |")
     return lines + [""]
