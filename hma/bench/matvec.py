@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from hma.bench import write_json
-from hma.bench.speed import copy_bytes_per_s, decoder_linears, machine_name, median_seconds
+from hma.bench.speed import copy_bytes_per_s, decoder_linears, event_seconds, machine_name, median_seconds
 from hma.config import ModelConfig, qwen3_shape
 from hma.loading import resolve_device
 
@@ -42,16 +41,7 @@ def graph_seconds(fn: Callable[[], object], device: torch.device, replays: int) 
         with torch.cuda.graph(graph, stream=stream):
             fn()
     torch.cuda.current_stream(device).wait_stream(stream)
-    times = []
-    for i in range(replays + 3):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        if i >= 3:
-            times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times)
+    return event_seconds(graph.replay, replays, warmup=3)
 
 
 def _rel_diff(got: torch.Tensor, want: torch.Tensor) -> float:

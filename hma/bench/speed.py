@@ -62,19 +62,26 @@ def median_seconds(fn: Callable[[], object], device: torch.device, iters: int, w
     return statistics.median(times)
 
 
-def gpu_step_seconds(graphs: DecodeGraphs, num_seqs: int, device: torch.device, iters: int) -> float:
-    """Median GPU time of one decode step over iters runs of BACK_TO_BACK replays of its graph on
-    the inputs already uploaded: nothing of the host's work sits between them."""
+def event_seconds(fn: Callable[[], object], iters: int, warmup: int = 0) -> float:
+    """Median GPU time of fn over iters runs: CUDA events around each run, the host waiting for
+    its end, so what the host does between runs is not counted."""
     times = []
-    for _ in range(iters):
+    for i in range(warmup + iters):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        for _ in range(BACK_TO_BACK):
-            graphs.replay_uploaded(num_seqs)
+        fn()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3 / BACK_TO_BACK)
+        if i >= warmup:
+            times.append(start.elapsed_time(end) / 1e3)
     return statistics.median(times)
+
+
+def gpu_step_seconds(graphs: DecodeGraphs, num_seqs: int, iters: int) -> float:
+    """Median GPU time of one decode step over iters runs of BACK_TO_BACK replays of its graph on
+    the inputs already uploaded: nothing of the host's work sits between them."""
+    replays = lambda: [graphs.replay_uploaded(num_seqs) for _ in range(BACK_TO_BACK)]
+    return event_seconds(replays, iters) / BACK_TO_BACK
 
 
 def _sync(device: torch.device) -> None:
@@ -156,7 +163,7 @@ def bench_decode(model: Qwen3ForCausalLM, kv_dtype: str, contexts: list[int], ba
             blocks = cache.allocator.allocate(need)
             decodes = chunks(bs, 1, config.vocab_size, context - 1, blocks)
             seconds = median_seconds(lambda: graphs.run(decodes).argmax(-1).tolist(), device, iters)
-            gpu_seconds = gpu_step_seconds(graphs, bs, device, iters)  # on the inputs the last run uploaded
+            gpu_seconds = gpu_step_seconds(graphs, bs, iters)  # on the inputs the last run uploaded
             cache.allocator.free(blocks)
             kv_bytes = bs * context * kv_bytes_per_token(config, fmt)
             floor = (weights + kv_bytes) / bandwidth
