@@ -27,7 +27,9 @@ class SeqChunk:
 
     token_ids: list[int]
     context_len: int        # tokens already in the cache before this step
-    block_ids: list[int]    # covers context_len + len(token_ids) tokens
+    # Covers context_len + len(token_ids) tokens. A sequence's list only grows in place; one given
+    # other blocks gets a new list (DecodeGraphs rewrites a table row only when its list changes).
+    block_ids: list[int]
     all_logits: bool = False  # logits for every token (scoring), not just the last
     prefill_precision: bool = True  # run through the prefill-precision weights (prefill chunks only)
 

@@ -4,6 +4,8 @@ The end-to-end tests need a CUDA GPU and are skipped without one (the kernels th
 checked on the CPU under Triton's interpreter in test_kernels.py); the host side of the graph
 runner (buckets, padding, input rows) is checked on the CPU."""
 
+import random
+
 import pytest
 import torch
 
@@ -117,6 +119,49 @@ def test_graph_runner_fills_its_two_input_sets_in_turn():
         runner._fill([SeqChunk([token], 0, [4])], [-1], 1)
         assert runner.turn == turn and runner.host_scalars[turn, 0, 0] == token
     assert runner.host_scalars[0, 0, 0] == 8  # the other set still holds the step before's inputs
+
+
+def test_graph_runner_rewrites_a_table_row_only_for_new_blocks_or_a_new_list():
+    runner = _graph_runner()
+    blocks = [3, 9]
+    runner._fill([SeqChunk([1], 0, blocks)], [-1], 1)
+    tables = runner.host_tables[runner.turn].numpy()
+    tables[0, 0] = 99  # an entry no fill should touch again while this list only grows
+    blocks.append(5)
+    runner._fill([SeqChunk([1], 8, blocks)], [-1], 1)
+    assert tables[0, :3].tolist() == [99, 9, 5]  # just the new block was written
+    runner._fill([SeqChunk([1], 8, [3, 9, 5])], [-1], 1)  # the same values in another list
+    assert tables[0, :3].tolist() == [3, 9, 5]
+
+
+def test_graph_runner_fills_what_a_row_by_row_fill_would_over_a_run_of_steps():
+    """Sequences join, grow, leave and get new lists while rows shift between steps; every
+    step's rows hold exactly each chunk's blocks, positions, slots and lengths."""
+    runner = _graph_runner(max_num_seqs=5, max_model_len=64)
+    bs, rng = runner.block_size, random.Random(0)
+    live = [[rng.randrange(30)] for _ in range(3)]
+    for _ in range(60):
+        if rng.random() < 0.2:
+            live[rng.randrange(len(live))] = [rng.randrange(30)]  # preempted, readmitted: a new list
+        if rng.random() < 0.2 and len(live) < 5:
+            live.append([rng.randrange(30)])
+        if rng.random() < 0.2 and len(live) > 1:
+            live.pop(rng.randrange(len(live)))
+        rng.shuffle(live)
+        for blocks in live:
+            if rng.random() < 0.5 and len(blocks) < 16:
+                blocks.append(rng.randrange(30))  # grows in place, as the scheduler's += does
+        decodes = [SeqChunk([7 + i], len(b) * bs - 1 - rng.randrange(bs), b) for i, b in enumerate(live)]
+        feedback = [rng.choice([-1, 0]) for _ in decodes]
+        runner.turn ^= 1
+        runner._fill(decodes, feedback, 5)
+        scalars, tables = runner.host_scalars[runner.turn], runner.host_tables[runner.turn]
+        for i, (chunk, fed) in enumerate(zip(decodes, feedback)):
+            pos = chunk.context_len
+            assert tables[i, :len(chunk.block_ids)].tolist() == chunk.block_ids
+            slot = chunk.block_ids[pos // bs] * bs + pos % bs
+            assert scalars[:, i].tolist() == [chunk.token_ids[0] if fed < 0 else 0, pos, slot, pos + 1, fed]
+        assert scalars[3, len(decodes):].tolist() == [0] * (5 - len(decodes))
 
 
 def test_graph_runner_declines_what_no_graph_fits():
