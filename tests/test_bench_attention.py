@@ -5,7 +5,8 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from hma.bench.attention import candidates, fastest, main, sweep
+from hma import kernels
+from hma.bench.attention import candidates, fastest, launch_defaults, main, sweep
 from hma.kernels import DecodeConfig
 
 
@@ -41,3 +42,17 @@ def test_sweep_places_the_k_conversion_only_for_8_bit_payloads():
     assert len(sweep("fp16", configs, batch=1, context=32, device=torch.device("cpu"), rep_ms=1)) == 1
     rows = sweep("fp8", configs, batch=1, context=32, device=torch.device("cpu"), rep_ms=1)
     assert [r["k_in_registers"] for r in rows] == [False, True]
+
+
+def test_launches_run_each_formats_default_kernel_for_a_profiler(monkeypatch):
+    seen = []
+    real = kernels.paged_decode_attention
+
+    def counted(q, layer, tables, lens, scale, **kw):
+        seen.append((layer.format.name, tuple(q.shape), tuple(tables.shape), kw))
+        return real(q, layer, tables, lens, scale, **kw)
+
+    monkeypatch.setattr(kernels, "paged_decode_attention", counted)
+    launch_defaults(["fp8", "bf16"], batch=2, context=32, device=torch.device("cpu"), launches=2)
+    # default launches (no config passed), 16-token blocks: 2 rows of 2 blocks each
+    assert seen == [("fp8", (2, 32, 128), (2, 2), {})] * 2 + [("bf16", (2, 32, 128), (2, 2), {})] * 2

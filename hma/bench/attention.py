@@ -8,6 +8,7 @@ in shuffled blocks, one decode query per sequence. For each KV format and each c
 reports the median kernel time and the bytes read per second (payload and scales) against the
 GPU's copy bandwidth measured in the same run, checks every output against the kernel's default
 configuration, and names the fastest per format (`kernels.for_format` holds the picks).
+`--launches N` only launches each format's default kernel N times, untimed, for a profiler.
 """
 
 from __future__ import annotations
@@ -54,15 +55,37 @@ def filled_layer(kv_dtype: str, num_tokens: int, num_kv_heads: int, head_dim: in
     return layer
 
 
-def sweep(kv_dtype: str, configs: list[DecodeConfig], batch: int, context: int, device: torch.device,
-          rep_ms: float, attend: Callable = kernels.paged_decode_attention) -> list[dict]:
-    """Times every config on one layer; attend(q, layer, tables, lens, scale, config=...) is the kernel."""
-    num_heads, num_kv_heads, head_dim = 32, 8, 128
+def layer_inputs(kv_dtype: str, batch: int, context: int, device: torch.device,
+                 num_heads: int = 32, num_kv_heads: int = 8, head_dim: int = 128):
+    """(q, layer, block tables, lengths) of one decode step over one layer: batch sequences of
+    context tokens each, their blocks shuffled through the pools."""
     layer = filled_layer(kv_dtype, batch * context, num_kv_heads, head_dim, device)
     order = torch.randperm(batch * context // BLOCK_SIZE, device=device)
     tables = order.view(batch, context // BLOCK_SIZE)
     lens = torch.full((batch,), context, device=device)
     q = torch.randn(batch, num_heads, head_dim, device=device, dtype=torch.bfloat16)
+    return q, layer, tables, lens
+
+
+def launch_defaults(kv_dtypes: list[str], batch: int, context: int, device: torch.device, launches: int) -> None:
+    """Each format's default kernel launched `launches` times, untimed: a run to profile. For
+    example `ncu --kernel-name _paged_decode_kernel --launch-skip 2 --launch-count 1 python -m hma
+    bench attention --kv-dtypes fp8 --launches 3` (the first launches compile)."""
+    for kv_dtype in kv_dtypes:
+        q, layer, tables, lens = layer_inputs(kv_dtype, batch, context, device)
+        for _ in range(launches):
+            kernels.paged_decode_attention(q, layer, tables, lens, q.shape[-1] ** -0.5)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            del layer
+            torch.cuda.empty_cache()
+
+
+def sweep(kv_dtype: str, configs: list[DecodeConfig], batch: int, context: int, device: torch.device,
+          rep_ms: float, attend: Callable = kernels.paged_decode_attention) -> list[dict]:
+    """Times every config on one layer; attend(q, layer, tables, lens, scale, config=...) is the kernel."""
+    q, layer, tables, lens = layer_inputs(kv_dtype, batch, context, device)
+    head_dim = q.shape[-1]
     nbytes = sum(t.numel() * t.element_size() for t in layer.tensors)
     run = lambda config: attend(q, layer, tables, lens, head_dim ** -0.5, config=config)  # noqa: E731
     expected = run(kernels.for_format(layer.format)).float()
@@ -119,11 +142,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default=None)
     parser.add_argument("--rep-ms", type=float, default=40.0, help="GPU time spent timing each config")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--launches", type=int, default=0,
+                        help="only launch each format's default kernel this many times, untimed (to profile)")
     args = parser.parse_args(argv)
     ints = lambda text: [int(x) for x in text.split(",") if x]  # noqa: E731
     device = resolve_device(args.device)
     if device.type != "cuda":
         raise SystemExit("bench attention times a GPU kernel: it needs --device cuda")
+    if args.launches:
+        launch_defaults(args.kv_dtypes.split(","), args.batch_size, args.context, device, args.launches)
+        return {}
     copy = copy_bytes_per_s(device, 10)
     configs = candidates(ints(args.tiles), ints(args.warps), ints(args.stages), ints(args.max_registers),
                          ints(args.max_partitions), ints(args.k_in_registers))
