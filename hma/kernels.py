@@ -4,8 +4,9 @@ paged_decode_attention: one query token per sequence attends over that sequence'
 in place from the paged pools, dequantizing payload and scales in registers (deferred
 dequantization: no dequantized copy is ever written to memory). Reference: attention.decode_reference.
 Flash-decoding split: program (seq, kv_head, split) covers `partition` tokens for all the query
-heads sharing that KV head, keeping a running max, sum and weighted V; a second kernel merges
-the splits. Sequences of length 0 (padding rows of a CUDA graph) come out as zeros.
+heads sharing that KV head, keeping a running max, sum and weighted V; the last split of a
+(seq, kv_head) to finish merges them (or, where it cannot count arrivals, a second kernel does).
+Sequences of length 0 (padding rows of a CUDA graph) come out as zeros.
 The kernels that quantize into storage (K/V into cache slots, prefill activations) are in
 quant_kernels.py. With TRITON_INTERPRET=1 the same kernels run on CPU tensors, which is how the CPU tests run them.
 """
@@ -26,8 +27,9 @@ from hma.kv_formats import AbsmaxFormat, BlockFloatFormat, CastFormat, Int4Forma
 # How a kernel quantizes or dequantizes a payload element d of a (token, head), by format
 # family (tl.constexpr, so the kernels may read them).
 CAST, ABSMAX, INT4, BLOCK_SCALED = (tl.constexpr(i) for i in range(4))
-MIN_GROUP_ROWS = 16        # tl.dot wants at least 16 rows: the query heads of a group are padded
+MIN_GROUP_ROWS = 16        # the query heads of a group padded to this many rows (DecodeConfig.group_rows)
 MAX_PARTITION = 1024       # tokens per split at most (the default), so long sequences spread over the GPU
+MERGE_COUNTERS = 1 << 16   # (sequence, KV head) groups a launch can merge in place (_arrival_counts)
 _INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 
 
@@ -35,7 +37,8 @@ _INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 class DecodeConfig:
     """The attention kernel's launch: tokens per loop iteration, warps, software-pipeline stages,
     a cap on registers per thread (None: the compiler's choice), the most tokens one program
-    takes of a sequence (choose_partition), and whether 8-bit K converts in registers (_load_tile).
+    takes of a sequence (choose_partition), whether 8-bit K converts in registers (_load_tile),
+    the least rows of q a dot takes, and where the splits merge.
     The defaults won a sweep on an H100 and stay within 1-3% of the best for bf16 and int4 on an
     H200 (`python -m hma bench attention`); 8-bit payloads take `EIGHT_BIT` (for_format)."""
 
@@ -45,6 +48,13 @@ class DecodeConfig:
     max_registers: int | None = None
     max_partition: int = MAX_PARTITION
     k_in_registers: bool = False
+    # Rows of q a program's dots take at least (its group's query heads, padded). Triton 2 wanted
+    # 16; Triton 3 pads a smaller dot to the tensor cores' 16 rows itself.
+    group_rows: int = MIN_GROUP_ROWS
+    # The last split of a (sequence, KV head) to finish merges the group's splits, counted by an
+    # atomic: one launch a layer instead of two. Off until a GPU run has timed it and held it to
+    # the reference (the CPU tests run it under the interpreter).
+    merge_in_place: bool = False
 
 
 # 8-bit payloads: K converts in registers and V in inline assembly (_load_tile), two pipeline
@@ -226,13 +236,13 @@ _VARYING = dict(do_not_specialize=["table_stride", "num_splits"],
 @triton.jit(**_VARYING)
 def _paged_decode_kernel(
         q_ptr, k_ptr, k_scales_ptr, v_ptr, v_scales_ptr, tables_ptr, seq_lens_ptr,
-        out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr, scale, table_stride, num_splits,
+        out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr, counts_ptr, scale, table_stride, num_splits,
         NUM_KV_HEADS: tl.constexpr, QUERIES_PER_KV: tl.constexpr, HEAD_DIM: tl.constexpr,
         PAYLOAD_DIM: tl.constexpr, NUM_SCALES: tl.constexpr, BLOCK_SIZE: tl.constexpr,
         KIND: tl.constexpr, GROUP: tl.constexpr, GROUP_ROWS: tl.constexpr, DIM_ROWS: tl.constexpr,
         TILE: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
         PARTITION: tl.constexpr, IS_SPLIT: tl.constexpr, INTERPRETED: tl.constexpr,
-        K_IN_REGISTERS: tl.constexpr, PDL: tl.constexpr = False):
+        K_IN_REGISTERS: tl.constexpr, MERGE_IN_PLACE: tl.constexpr, PDL: tl.constexpr = False):
     await_inputs(PDL)
     seq, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq).to(tl.int32)
@@ -289,29 +299,52 @@ def _paged_decode_kernel(
         tl.store(part_acc_ptr + part[:, None] * HEAD_DIM + d[None, :], acc, mask=q_mask)
         tl.store(part_max_ptr + part, running_max, mask=head_ok)
         tl.store(part_sum_ptr + part, running_sum, mask=head_ok)
+        if MERGE_IN_PLACE:
+            # Every thread's partials are stored before the count says so (the barrier; the
+            # atomic releases them GPU-wide), and the group's last program to arrive merges.
+            tl.debug_barrier()
+            group = seq * NUM_KV_HEADS + kv_head
+            if tl.atomic_add(counts_ptr + group, 1, sem="acq_rel") == num_splits - 1:
+                _merge_group(out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr, q_rows, head_ok, d, num_splits,
+                             HEAD_DIM)
+                tl.store(counts_ptr + group, 0)  # zero again for the next launch
+
+
+@triton.jit
+def _merge_group(out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr, rows, rows_ok, d, num_splits,
+                 HEAD_DIM: tl.constexpr):
+    """out[row] = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s for each of the rows (query
+    heads) over its splits: M first, then the splits one at a time (as (rows, head_dim) tiles,
+    which keeps the attention kernel's registers where they were when it merges in place). The
+    partials are read from L2 (.cg), where the programs of this launch left them."""
+    mask = rows_ok[:, None] & (d < HEAD_DIM)[None, :]
+    top = tl.full(rows.shape, float("-inf"), tl.float32)
+    for s in range(0, num_splits):
+        top = tl.maximum(top, tl.load(part_max_ptr + rows * num_splits + s, mask=rows_ok, other=float("-inf"),
+                                      cache_modifier=".cg"))
+    top = tl.where(top == float("-inf"), 0.0, top)  # an empty sequence: every weight is 0
+    total = tl.zeros(rows.shape, tl.float32)
+    acc = tl.zeros((rows.shape[0], d.shape[0]), tl.float32)
+    for s in range(0, num_splits):
+        part = rows * num_splits + s
+        weight = tl.exp(tl.load(part_max_ptr + part, mask=rows_ok, other=float("-inf"), cache_modifier=".cg") - top)
+        total += weight * tl.load(part_sum_ptr + part, mask=rows_ok, other=0, cache_modifier=".cg")
+        acc += weight[:, None] * tl.load(part_acc_ptr + part[:, None] * HEAD_DIM + d[None, :], mask=mask, other=0,
+                                         cache_modifier=".cg")
+    out = acc / tl.where(total > 0, total, 1.0)[:, None]
+    tl.store(out_ptr + rows[:, None] * HEAD_DIM + d[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit(do_not_specialize=["num_splits"])
-def _merge_splits_kernel(out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr,
-                         num_splits, HEAD_DIM: tl.constexpr, DIM_ROWS: tl.constexpr,
-                         SPLIT_ROWS: tl.constexpr, PDL: tl.constexpr = False):
-    """out[row] = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s over one (seq, head) row's splits."""
+def _merge_splits_kernel(out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr, num_splits,
+                         QUERIES_PER_KV: tl.constexpr, HEAD_DIM: tl.constexpr, GROUP_ROWS: tl.constexpr,
+                         DIM_ROWS: tl.constexpr, PDL: tl.constexpr = False):
+    """The splits of one (sequence, KV head) group merged, for launches that do not merge in place."""
     await_inputs(PDL)
-    row = tl.program_id(0)
-    s = tl.arange(0, SPLIT_ROWS)
-    d = tl.arange(0, DIM_ROWS)
-    d_ok = d < HEAD_DIM
-    s_ok = s < num_splits
-    maxes = tl.load(part_max_ptr + row * num_splits + s, mask=s_ok, other=float("-inf"))
-    top = tl.max(maxes, axis=0)
-    top = tl.where(top == float("-inf"), 0.0, top)  # an empty sequence: every weight is 0
-    weight = tl.exp(maxes - top)
-    sums = tl.load(part_sum_ptr + row * num_splits + s, mask=s_ok, other=0)
-    acc = tl.load(part_acc_ptr + (row * num_splits + s)[:, None] * HEAD_DIM + d[None, :],
-                  mask=s_ok[:, None] & d_ok[None, :], other=0)
-    total = tl.sum(weight * sums, axis=0)
-    out = tl.sum(weight[:, None] * acc, axis=0) / tl.where(total > 0, total, 1.0)
-    tl.store(out_ptr + row * HEAD_DIM + d, out.to(out_ptr.dtype.element_ty), mask=d_ok)
+    g = tl.arange(0, GROUP_ROWS)
+    rows = tl.program_id(0) * QUERIES_PER_KV + g  # program (seq, kv_head): its query heads' rows
+    _merge_group(out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr, rows, g < QUERIES_PER_KV, tl.arange(0, DIM_ROWS),
+                 num_splits, HEAD_DIM)
 
 
 def _dot_dtype(dtype: torch.dtype, kind: int):
@@ -363,26 +396,46 @@ def paged_decode_attention(q: torch.Tensor, cache: LayerKV, block_tables: torch.
     if k.dtype == torch.float8_e4m3fn:
         # as bytes, bitcast in the kernel: a constant `other=` cannot be cast to float8
         k, v = k.view(torch.uint8), v.view(torch.uint8)
+    group_rows = max(config.group_rows, triton.next_power_of_2(num_heads // num_kv_heads))
+    counts = _arrival_counts(q.device, num_seqs * num_kv_heads) if config.merge_in_place else None
+    in_place = num_splits > 1 and counts is not None
     triton_launch(
         _paged_decode_kernel, (num_seqs, num_kv_heads, num_splits),
         q, k, cache.k_scales, v, cache.v_scales, tables, seq_lens,
-        out, part_acc, part_max, part_sum, scale, tables.stride(0), num_splits,
+        out, part_acc, part_max, part_sum, counts if in_place else seq_lens, scale, tables.stride(0), num_splits,
         NUM_KV_HEADS=num_kv_heads, QUERIES_PER_KV=num_heads // num_kv_heads, HEAD_DIM=head_dim,
         PAYLOAD_DIM=payload_dim, NUM_SCALES=cache.k_scales.shape[-1], BLOCK_SIZE=block_size,
         KIND=kind, GROUP=group,
-        GROUP_ROWS=max(MIN_GROUP_ROWS, triton.next_power_of_2(num_heads // num_kv_heads)),
+        GROUP_ROWS=group_rows,
         # the split count is a runtime argument: as sequences grow the kernel is not recompiled
         DIM_ROWS=dim_rows, TILE=config.tile, PARTITION=partition, IS_SPLIT=num_splits > 1,
         # float32 models (the tests' reference runs) get full-precision dots, not TF32
         DOT_DTYPE=_dot_dtype(q.dtype, kind), DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         INTERPRETED=os.environ.get("TRITON_INTERPRET") == "1", K_IN_REGISTERS=config.k_in_registers,
-        num_warps=config.num_warps,
+        MERGE_IN_PLACE=in_place, num_warps=config.num_warps,
         num_stages=config.num_stages, **({"maxnreg": config.max_registers} if config.max_registers else {}))
-    if num_splits > 1:
+    if num_splits > 1 and not in_place:
         triton_launch(
-            _merge_splits_kernel, (num_seqs * num_heads,), out, part_acc, part_max, part_sum, num_splits,
-            HEAD_DIM=head_dim, DIM_ROWS=dim_rows, SPLIT_ROWS=triton.next_power_of_2(num_splits))
+            _merge_splits_kernel, (num_seqs * num_kv_heads,), out, part_acc, part_max, part_sum, num_splits,
+            QUERIES_PER_KV=num_heads // num_kv_heads, HEAD_DIM=head_dim, GROUP_ROWS=group_rows, DIM_ROWS=dim_rows)
     return out
+
+
+_COUNTS: dict[torch.device, torch.Tensor] = {}
+
+
+def _arrival_counts(device: torch.device, groups: int) -> torch.Tensor | None:
+    """The device's int32 counters of splits arrived per (sequence, KV head), zero between
+    launches (the merging program zeroes its own). None where a launch cannot have them: more
+    groups than MERGE_COUNTERS, or the first need of them comes inside a CUDA graph capture (a
+    buffer made there would belong to the graph's pool). One stream at a time may use them."""
+    if groups > MERGE_COUNTERS:
+        return None
+    if device not in _COUNTS:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        _COUNTS[device] = torch.zeros(MERGE_COUNTERS, dtype=torch.int32, device=device)
+    return _COUNTS[device]
 
 
 def warm_up_decode(cache: LayerKV, num_heads: int, head_dim: int, max_len: int, dtype: torch.dtype) -> int:

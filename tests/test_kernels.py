@@ -61,6 +61,36 @@ def test_8_bit_k_converts_in_registers_or_in_assembly_to_the_same_attention(name
     _check_against_reference(name, 64, HEAD_DIM, HALF, tolerance=2e-2, config=config)
 
 
+@pytest.mark.parametrize("name", ["fp32", "fp8", "int4"])
+@pytest.mark.parametrize("in_place", [True, False], ids=["merged-in-place", "merge-kernel"])
+def test_splits_merged_in_place_or_by_their_own_kernel_give_the_reference(name, in_place):
+    """In place, the last split of each (sequence, KV head) to arrive merges the group's splits;
+    its counter is zero again afterwards, so the next launch counts from zero."""
+    config = dataclasses.replace(kernels.for_format(get_kv_format(name)), merge_in_place=in_place)
+    for _ in range(2):
+        _check_against_reference(name, 64, HEAD_DIM, config=config)
+    counts = kernels._COUNTS.get(torch.device(DEVICE))
+    assert counts is not None and not counts.any()
+
+
+def test_more_groups_than_counters_merge_by_the_merge_kernel(monkeypatch):
+    monkeypatch.setattr(kernels, "MERGE_COUNTERS", 3)  # the test's 4 sequences x 2 KV heads are more
+    merges = []
+    launch = kernels.triton_launch
+    monkeypatch.setattr(kernels, "triton_launch", lambda kernel, grid, *args, **constexprs: (
+        merges.append(kernel is kernels._merge_splits_kernel), launch(kernel, grid, *args, **constexprs)))
+    config = dataclasses.replace(kernels.EIGHT_BIT, merge_in_place=True)
+    _check_against_reference("int8", 64, HEAD_DIM, config=config)
+    assert merges == [False, True]
+
+
+@pytest.mark.parametrize("name", ["fp32", "fp8"])
+def test_fewer_padded_query_rows_give_the_same_attention(name):
+    """group_rows 4: the group's 3 query heads pad to 4 rows, and Triton pads the dot itself."""
+    config = dataclasses.replace(kernels.for_format(get_kv_format(name)), group_rows=4)
+    _check_against_reference(name, None, HEAD_DIM, config=config)
+
+
 def _check_against_reference(name: str, partition: int | None, head_dim: int,
                              dtype: torch.dtype = torch.float32, tolerance: float = 2e-5,
                              config: DecodeConfig | None = None) -> None:
@@ -93,24 +123,29 @@ def test_partition_spreads_short_batches_and_caps_long_ones():
 
 
 COMPILE_FOR_HOPPER = r'''
-import sys, torch, triton
+import dataclasses, sys, torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from hma import kernels, quant_kernels
 from hma.kv_cache import LayerKV
 from hma.kv_formats import get_kv_format
 
-TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.int64: "*i64",
+TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.int64: "*i64", torch.int32: "*i32",
          torch.float8_e4m3fn: "*fp8e4nv", torch.int8: "*i8", torch.uint8: "*u8"}
 launches = []
 kernels.triton_launch = lambda kernel, grid, *args, **constexprs: launches.append((kernel, args, constexprs))
 for name in sys.argv[1:]:
     layer = LayerKV.empty(get_kv_format(name), 4, 16, 8, 128, "cpu")
     q = torch.zeros(3, 32, 128, dtype=torch.bfloat16)
-    kernels.paged_decode_attention(q, layer, torch.zeros(3, 300, dtype=torch.long), torch.ones(3, dtype=torch.long), 0.1)
+    in_place = dataclasses.replace(kernels.for_format(layer.format), merge_in_place=True)
+    kernels.paged_decode_attention(q, layer, torch.zeros(3, 300, dtype=torch.long), torch.ones(3, dtype=torch.long), 0.1,
+                                   config=in_place)
     if quant_kernels.can_write_kv(layer.format):
         kv = torch.zeros(3, 3, 8, 128, dtype=torch.bfloat16)
         quant_kernels.write_kv(layer, kv[:, 1], kv[:, 2], torch.zeros(3, dtype=torch.long))
+# the last format's splits merged by a kernel of their own
+kernels.paged_decode_attention(q, layer, torch.zeros(3, 300, dtype=torch.long), torch.ones(3, dtype=torch.long), 0.1,
+                               config=dataclasses.replace(in_place, merge_in_place=False))
 from hma.quant import MIN_SCALE, ROW_QMAX
 for mode, qmax in ROW_QMAX.items():
     quant_kernels.quantize_rows(torch.zeros(3, 2560, dtype=torch.bfloat16), mode, qmax, MIN_SCALE)
@@ -151,7 +186,9 @@ def test_kernels_compile_for_an_h100_without_one():
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     storable = sum(can_write_kv(f) for f in KV_FORMATS.values())
-    launches = 2 * len(KV_FORMATS) + storable + 2 + 5  # + matvec twice, the layer kernels thrice
+    # each format's attention (its splits merged in place), one merged apart (+ the merge kernel),
+    # the K/V writes, matvec twice, the layer kernels thrice
+    launches = len(KV_FORMATS) + 2 + storable + 2 + 5
     assert result.stdout.split() == ["compiled", str(launches)]
 
 

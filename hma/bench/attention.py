@@ -36,11 +36,13 @@ FILL_TOKENS = 1 << 16  # tokens written per call while filling the pools
 
 
 def candidates(tiles: list[int], warps: list[int], stages: list[int], registers: list[int] | None = None,
-               partitions: list[int] | None = None, k_in_registers: list[int] | None = None) -> list[DecodeConfig]:
+               partitions: list[int] | None = None, k_in_registers: list[int] | None = None,
+               group_rows: list[int] | None = None) -> list[DecodeConfig]:
     """Every combination of the given tiles, warps, stages, register caps (0: none), most tokens
-    per split and 8-bit K conversions (1: in registers)."""
-    return [DecodeConfig(t, w, s, r or None, p, bool(k)) for t, w, s, r, p, k in itertools.product(
-        tiles, warps, stages, registers or [0], partitions or [kernels.MAX_PARTITION], k_in_registers or [0])]
+    per split, 8-bit K conversions (1: in registers) and least rows of q per dot."""
+    return [DecodeConfig(t, w, s, r or None, p, bool(k), g) for t, w, s, r, p, k, g in itertools.product(
+        tiles, warps, stages, registers or [0], partitions or [kernels.MAX_PARTITION], k_in_registers or [0],
+        group_rows or [kernels.MIN_GROUP_ROWS])]
 
 
 def filled_layer(kv_dtype: str, num_tokens: int, num_kv_heads: int, head_dim: int,
@@ -139,6 +141,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-registers", default="0,128", help="caps on registers per thread; 0: none")
     parser.add_argument("--max-partitions", default="1024", help="most tokens of a sequence per program")
     parser.add_argument("--k-in-registers", default="0,1", help="8-bit K converted in registers (1) or not (0)")
+    parser.add_argument("--group-rows", default=str(kernels.MIN_GROUP_ROWS),
+                        help="least rows of q per dot (the group's query heads, padded)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--rep-ms", type=float, default=40.0, help="GPU time spent timing each config")
     parser.add_argument("--json", type=Path, default=None)
@@ -154,7 +158,7 @@ def main(argv: list[str] | None = None) -> dict:
         return {}
     copy = copy_bytes_per_s(device, 10)
     configs = candidates(ints(args.tiles), ints(args.warps), ints(args.stages), ints(args.max_registers),
-                         ints(args.max_partitions), ints(args.k_in_registers))
+                         ints(args.max_partitions), ints(args.k_in_registers), ints(args.group_rows))
     rows, best = [], {}
     for kv_dtype in args.kv_dtypes.split(","):
         found = sweep(kv_dtype, configs, args.batch_size, args.context, device, args.rep_ms)
@@ -173,12 +177,12 @@ def main(argv: list[str] | None = None) -> dict:
 def _print(out: dict) -> None:
     print(f"decode attention, one layer, {out['batch_size']} x {out['context']} tokens, {out['machine']}; "
           f"copy {out['copy_bytes_per_s'] / 1e12:.2f} TB/s")
-    print(f"{'kv':>5} {'tile':>4} {'warps':>5} {'stages':>6} {'regs':>5} {'split':>5} {'k reg':>5} {'us':>8} "
-          f"{'TB/s':>6} {'x copy':>6}")
+    print(f"{'kv':>5} {'tile':>4} {'warps':>5} {'stages':>6} {'regs':>5} {'split':>5} {'k reg':>5} {'rows':>4} "
+          f"{'us':>8} {'TB/s':>6} {'x copy':>6}")
     for r in out["rows"]:
         head = (f"{r['kv_dtype']:>5} {r['tile']:>4} {r['num_warps']:>5} {r['num_stages']:>6} "
                 f"{r.get('max_registers') or '-':>5} {r.get('max_partition', kernels.MAX_PARTITION):>5} "
-                f"{'yes' if r.get('k_in_registers') else 'no':>5}")
+                f"{'yes' if r.get('k_in_registers') else 'no':>5} {r.get('group_rows', kernels.MIN_GROUP_ROWS):>4}")
         if "failed" in r:
             print(f"{head}  failed: {r['failed']}")
             continue
