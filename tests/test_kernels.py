@@ -69,7 +69,7 @@ def test_splits_merged_in_place_or_by_their_own_kernel_give_the_reference(name, 
     config = dataclasses.replace(kernels.for_format(get_kv_format(name)), merge_in_place=in_place)
     for _ in range(2):
         _check_against_reference(name, 64, HEAD_DIM, config=config)
-    counts = kernels._COUNTS.get(torch.device(DEVICE))
+    counts = kernels._COUNTS.get(torch.empty(0, device=DEVICE).device)  # cuda:0, as the kernel's key
     assert counts is not None and not counts.any()
 
 
@@ -85,9 +85,11 @@ def test_more_groups_than_counters_merge_by_the_merge_kernel(monkeypatch):
 
 
 @pytest.mark.parametrize("name", ["fp32", "fp8"])
-def test_fewer_padded_query_rows_give_the_same_attention(name):
-    """group_rows 4: the group's 3 query heads pad to 4 rows, and Triton pads the dot itself."""
-    config = dataclasses.replace(kernels.for_format(get_kv_format(name)), group_rows=4)
+@pytest.mark.parametrize("rows", [4, 16])
+def test_query_heads_padded_to_4_or_16_rows_give_the_same_attention(name, rows):
+    """At 4 rows the group's 3 query heads pad to 4 and Triton pads the dot itself; 16 is what
+    Triton 2 wanted."""
+    config = dataclasses.replace(kernels.for_format(get_kv_format(name)), group_rows=rows)
     _check_against_reference(name, None, HEAD_DIM, config=config)
 
 
@@ -315,3 +317,16 @@ def test_8_bit_payloads_launch_with_two_stages_and_fp8_as_its_bytes(monkeypatch,
     k, v = args[1], args[3]
     assert k.data_ptr() == layer.k.data_ptr() and v.data_ptr() == layer.v.data_ptr()
     assert k.dtype == (torch.uint8 if name == "fp8" else layer.k.dtype)
+
+
+def test_launch_overrides_reach_every_formats_default_launch(monkeypatch):
+    """bench speed --attention: fields parsed by their types, set in every format's default."""
+    fields = kernels.parse_overrides("group_rows=4,merge_in_place=1,max_registers=none")
+    assert fields == {"group_rows": 4, "merge_in_place": True, "max_registers": None}
+    monkeypatch.setattr(kernels, "LAUNCH_OVERRIDES", {"group_rows": 4, "merge_in_place": True})
+    for name in ("bf16", "fp8"):
+        got = kernels.for_format(get_kv_format(name))
+        assert (got.group_rows, got.merge_in_place) == (4, True)
+    assert kernels.for_format(get_kv_format("fp8")).num_stages == kernels.EIGHT_BIT.num_stages
+    with pytest.raises(ValueError, match="no DecodeConfig field 'rows'"):
+        kernels.parse_overrides("rows=4")

@@ -309,6 +309,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--baseline-tokens", type=int, default=16, help="decode steps per baseline run")
     parser.add_argument("--engine-batch-sizes", default="1,64",
                         help="whole engine steps, plain and overlapped, at the smallest context ('' skips)")
+    parser.add_argument("--attention", default="",
+                        help="DecodeConfig fields set in every KV format's attention launch, "
+                             "e.g. group_rows=4,merge_in_place=1")
     parser.add_argument("--device", default=None)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--num-layers", type=int, default=None, help="cut the layer count (smoke runs)")
@@ -325,6 +328,10 @@ def main(argv: list[str] | None = None) -> dict:
     device = resolve_device(args.device)
     if device.type != "cuda":
         raise SystemExit("bench speed measures a GPU against its own peaks: it needs --device cuda")
+    if args.attention:
+        from hma import kernels  # Triton: only GPU runs get here
+
+        kernels.LAUNCH_OVERRIDES.update(kernels.parse_overrides(args.attention))
     peaks = measure_peaks(device, args.iters)
     _print_peaks(peaks)
     shapes = []
@@ -357,6 +364,7 @@ def main(argv: list[str] | None = None) -> dict:
         _print_shape(result)
         shapes.append(result)
     out = {"machine": machine_name(device), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+           "attention": args.attention,
            "iters": args.iters, "num_layers": args.num_layers, "peaks": peaks, "shapes": shapes}
     print(f"machine: {out['machine']}, torch {torch.__version__}, medians of {args.iters} runs")
     write_json(args.json, out)
