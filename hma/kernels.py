@@ -426,6 +426,7 @@ def paged_decode_attention(q: torch.Tensor, cache: LayerKV, block_tables: torch.
     triton_launch(
         _paged_decode_kernel, (num_seqs, num_kv_heads, num_splits),
         q, k, cache.k_scales, v, cache.v_scales, tables, seq_lens,
+        # without merging in place the counters' argument is any pointer: the kernel does not read it
         out, part_acc, part_max, part_sum, counts if in_place else seq_lens, scale, tables.stride(0), num_splits,
         NUM_KV_HEADS=num_kv_heads, QUERIES_PER_KV=num_heads // num_kv_heads, HEAD_DIM=head_dim,
         PAYLOAD_DIM=payload_dim, NUM_SCALES=cache.k_scales.shape[-1], BLOCK_SIZE=block_size,
