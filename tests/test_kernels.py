@@ -63,14 +63,22 @@ def test_8_bit_k_converts_in_registers_or_in_assembly_to_the_same_attention(name
 
 @pytest.mark.parametrize("name", ["fp32", "fp8", "int4"])
 @pytest.mark.parametrize("in_place", [True, False], ids=["merged-in-place", "merge-kernel"])
-def test_splits_merged_in_place_or_by_their_own_kernel_give_the_reference(name, in_place):
-    """In place, the last split of each (sequence, KV head) to arrive merges the group's splits;
-    its counter is zero again afterwards, so the next launch counts from zero."""
+def test_splits_merged_in_place_or_by_their_own_kernel_give_the_reference(name, in_place, monkeypatch):
+    """In place, the last split of each (sequence, KV head) to arrive merges the group's splits
+    and no merge kernel runs; its counter is zero again afterwards, so the next launch counts
+    from zero. Apart, the merge kernel runs after each launch."""
+    launched = []
+    launch = kernels.triton_launch
+    monkeypatch.setattr(kernels, "triton_launch", lambda kernel, grid, *args, **constexprs: (
+        launched.append(kernel), launch(kernel, grid, *args, **constexprs)))
     config = dataclasses.replace(kernels.for_format(get_kv_format(name)), merge_in_place=in_place)
     for _ in range(2):
         _check_against_reference(name, 64, HEAD_DIM, config=config)
-    counts = kernels._COUNTS.get(torch.empty(0, device=DEVICE).device)  # cuda:0, as the kernel's key
-    assert counts is not None and not counts.any()
+    merge = [] if in_place else [kernels._merge_splits_kernel]
+    assert launched == ([kernels._paged_decode_kernel] + merge) * 2
+    if in_place:
+        counts = kernels._COUNTS.get(torch.empty(0, device=DEVICE).device)  # cuda:0, as the kernel's key
+        assert counts is not None and not counts.any()
 
 
 def test_more_groups_than_counters_merge_by_the_merge_kernel(monkeypatch):
