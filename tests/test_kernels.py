@@ -331,10 +331,11 @@ def test_launch_overrides_reach_every_formats_default_launch(monkeypatch):
     """bench speed --attention: fields parsed by their types, set in every format's default."""
     fields = kernels.parse_overrides("group_rows=4,merge_in_place=1,max_registers=none")
     assert fields == {"group_rows": 4, "merge_in_place": True, "max_registers": None}
-    monkeypatch.setattr(kernels, "LAUNCH_OVERRIDES", {"group_rows": 4, "merge_in_place": True})
+    assert (DecodeConfig().group_rows, DecodeConfig().merge_in_place) == (4, True)  # the defaults
+    monkeypatch.setattr(kernels, "LAUNCH_OVERRIDES", {"group_rows": 16, "merge_in_place": False})
     for name in ("bf16", "fp8"):
         got = kernels.for_format(get_kv_format(name))
-        assert (got.group_rows, got.merge_in_place) == (4, True)
+        assert (got.group_rows, got.merge_in_place) == (16, False)
     assert kernels.for_format(get_kv_format("fp8")).num_stages == kernels.EIGHT_BIT.num_stages
     with pytest.raises(ValueError, match="no DecodeConfig field 'rows'"):
         kernels.parse_overrides("rows=4")
