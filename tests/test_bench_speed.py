@@ -81,3 +81,29 @@ def test_prefill_rows_time_the_first_prompt_of_each_length_apart():
     assert all(r["first_s"] > 0 and r["seconds"] > 0 and r["eager_s"] > 0 for r in rows)
     assert all(r["piecewise_graphs"] for r in rows), "prompts this short run as the hosts run them"
     assert model.piecewise is None, "the model is handed back as it came"
+
+
+def test_gpu_state_reads_each_field_of_the_cards_nvidia_smi_line(monkeypatch):
+    import subprocess
+
+    from hma.bench import speed
+
+    asked = []
+
+    def nvidia_smi(cmd, **kwargs):
+        asked.append(cmd)
+        return subprocess.CompletedProcess(cmd, 0, stdout="580.65, 700.00 W, 312.5 W, 1980 MHz, 2619 MHz, 1980 MHz, 41, P0\n")
+
+    monkeypatch.setattr(speed.subprocess, "run", nvidia_smi)
+    state = speed.gpu_state(torch.device("cuda", 1))
+    assert state["power.limit"] == "700.00 W" and state["clocks.sm"] == "1980 MHz" and state["pstate"] == "P0"
+    assert list(state) == list(speed.GPU_STATE_FIELDS) and "--id=1" in asked[0]
+    assert speed.gpu_state(torch.device("cpu")) == {} and len(asked) == 1
+
+    def missing(cmd, **kwargs):
+        raise FileNotFoundError("nvidia-smi")
+
+    monkeypatch.setattr(speed.subprocess, "run", missing)
+    assert speed.gpu_state(torch.device("cuda", 0)) == {}
+    monkeypatch.setattr(speed.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 0, stdout="580.65\n"))
+    assert speed.gpu_state(torch.device("cuda", 0)) == {}  # a short line: no values under the wrong names

@@ -26,6 +26,7 @@ import dataclasses
 import json
 import platform
 import statistics
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -104,6 +105,26 @@ def machine_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+# What nvidia-smi says of the card, before and after a run: H100s of one name have differed by
+# 18% on the same batch-1 step (README sixteenth run), and power caps or clocks can say why.
+GPU_STATE_FIELDS = ("driver_version", "power.limit", "power.draw", "clocks.sm", "clocks.mem", "clocks.max.sm",
+                    "temperature.gpu", "pstate")
+
+
+def gpu_state(device: torch.device) -> dict[str, str]:
+    """GPU_STATE_FIELDS of the device's card, as nvidia-smi prints them; {} where it cannot tell."""
+    if device.type != "cuda":
+        return {}
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    try:
+        out = subprocess.run(["nvidia-smi", f"--id={index}", f"--query-gpu={','.join(GPU_STATE_FIELDS)}",
+                              "--format=csv,noheader"], capture_output=True, text=True, timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    values = [v.strip() for v in out.stdout.strip().split(",")]
+    return dict(zip(GPU_STATE_FIELDS, values)) if len(values) == len(GPU_STATE_FIELDS) else {}
 
 
 def copy_bytes_per_s(device: torch.device, iters: int) -> float:
@@ -332,6 +353,7 @@ def main(argv: list[str] | None = None) -> dict:
         from hma import kernels  # Triton: only GPU runs get here
 
         kernels.LAUNCH_OVERRIDES.update(kernels.parse_overrides(args.attention))
+    state_before = gpu_state(device)
     peaks = measure_peaks(device, args.iters)
     _print_peaks(peaks)
     shapes = []
@@ -364,9 +386,10 @@ def main(argv: list[str] | None = None) -> dict:
         _print_shape(result)
         shapes.append(result)
     out = {"machine": machine_name(device), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-           "attention": args.attention,
+           "attention": args.attention, "gpu_state": {"before": state_before, "after": gpu_state(device)},
            "iters": args.iters, "num_layers": args.num_layers, "peaks": peaks, "shapes": shapes}
-    print(f"machine: {out['machine']}, torch {torch.__version__}, medians of {args.iters} runs")
+    print(f"machine: {out['machine']}, torch {torch.__version__}, medians of {args.iters} runs; "
+          f"nvidia-smi after: {out['gpu_state']['after'] or 'not available'}")
     write_json(args.json, out)
     return out
 
