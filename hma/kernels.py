@@ -464,24 +464,20 @@ def _arrival_counts(device: torch.device, groups: int) -> torch.Tensor | None:
 
 
 def warm_up_decode(cache: LayerKV, num_heads: int, head_dim: int, max_len: int, dtype: torch.dtype) -> int:
-    """Runs decode attention once per variant a step can meet (each partition, split or not,
-    each merge width up to max_len), so that none compiles while serving. Reads block 0 only,
-    writes nothing of the cache. Returns the number of launches."""
+    """Runs decode attention once per variant a step can meet (each partition, one split and
+    several where max_len needs several), so that none compiles while serving. The split count
+    is unspecialized (_VARYING), so two splits stand for any number. Reads block 0 only, writes
+    nothing of the cache. Returns the number of launches."""
     device, block_size = cache.k.device, cache.k.shape[1]
     q = torch.zeros(1, num_heads, head_dim, dtype=dtype, device=device)
     seq_lens = torch.ones(1, dtype=torch.long, device=device)
     config = for_format(cache.format)
     launches, partition = 0, config.tile
     while partition <= config.max_partition:
-        splits = 1
-        while True:
-            blocks = -(-min(splits * partition, max(max_len, partition)) // block_size)
-            tables = torch.zeros(1, blocks, dtype=torch.long, device=device)
+        for splits in (1, 2) if partition < max_len else (1,):
+            tables = torch.zeros(1, -(-splits * partition // block_size), dtype=torch.long, device=device)
             paged_decode_attention(q, cache, tables, seq_lens, 1.0, partition=partition)
             launches += 1
-            if splits * partition >= max_len:
-                break
-            splits *= 2
         partition *= 2
     return launches
 

@@ -250,7 +250,7 @@ def test_row_quantization_kernel_gives_the_cpu_reference_bytes_and_scales(mode):
     _same_bytes(got_q, want_q)
 
 
-def test_decode_warm_up_meets_every_partition_and_merge_width_and_leaves_the_cache_alone():
+def test_decode_warm_up_meets_every_partition_split_or_not_and_leaves_the_cache_alone():
     gen = torch.Generator().manual_seed(2)
     layer, _ = _filled_layer("int8", [20], gen, torch.float32)
     before = [t.clone() for t in layer.tensors]
@@ -259,6 +259,8 @@ def test_decode_warm_up_meets_every_partition_and_merge_width_and_leaves_the_cac
     assert all(torch.equal(a, b) for a, b in zip(before, layer.tensors))
     bf16, _ = _filled_layer("bf16", [20], gen, torch.float32)
     assert kernels.warm_up_decode(bf16, HEADS, HEAD_DIM, 256, torch.float32) == 5  # and 1,024
+    # the split count is unspecialized: two splits stand for all, however long max_len is
+    assert kernels.warm_up_decode(bf16, HEADS, HEAD_DIM, 32768, torch.float32) == 8
 
 
 def test_every_decode_launch_of_an_eager_step_was_made_by_the_warm_up(monkeypatch):
