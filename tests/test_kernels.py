@@ -81,6 +81,28 @@ def test_splits_merged_in_place_or_by_their_own_kernel_give_the_reference(name, 
         assert counts is not None and not counts.any()
 
 
+@pytest.mark.parametrize("in_place", [True, False], ids=["merged-in-place", "merge-kernel"])
+def test_more_splits_than_one_merge_step_takes_give_the_reference(in_place):
+    """A merge takes MERGE_WAY splits a step with a running max: 700 tokens in 64-token splits
+    are 11 splits, two steps; 3 tokens leave all but one of the first step's splits empty. The
+    last 100 tokens' keys are doubled, so the second step raises the running max and the first
+    step's sums must be rescaled."""
+    gen = torch.Generator().manual_seed(5)
+    seq_lens = [700, 3]
+    assert -(-max(seq_lens) // 64) > kernels.MERGE_WAY
+    layer, tables = _filled_layer("fp32", seq_lens, gen, torch.float32)
+    table = tables[0].tolist()
+    slots = torch.tensor([table[p // BLOCK] * BLOCK + p % BLOCK for p in range(600, 700)], device=DEVICE)
+    write_kv_reference(layer, 6 * torch.randn(100, KV_HEADS, HEAD_DIM, generator=gen).to(DEVICE),
+                       torch.randn(100, KV_HEADS, HEAD_DIM, generator=gen).to(DEVICE), slots)
+    q = torch.randn(len(seq_lens), HEADS, HEAD_DIM, generator=gen).to(DEVICE)
+    lens = torch.tensor(seq_lens, device=DEVICE)
+    config = dataclasses.replace(kernels.for_format(layer.format), tile=64, merge_in_place=in_place)
+    got = paged_decode_attention(q, layer, tables, lens, HEAD_DIM ** -0.5, 64, config)
+    expected = decode_reference(q, layer, tables, lens, HEAD_DIM ** -0.5)
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
+
+
 def test_more_groups_than_counters_merge_by_the_merge_kernel(monkeypatch):
     monkeypatch.setattr(kernels, "MERGE_COUNTERS", 3)  # the test's 4 sequences x 2 KV heads are more
     merges = []
