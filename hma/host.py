@@ -71,12 +71,13 @@ async def listen_until_stopped(host: str, port: int, hello: Callable[[], Hello],
                                drain: Callable[[], Awaitable[None]]) -> None:
     """Accepts peers until SIGINT or SIGTERM; then stops listening and awaits drain() (which refuses
     new work and returns once the work in flight is done) for up to DRAIN_TIMEOUT_S."""
+    stop = stop_on_signal()
     server = await serve(host, port, hello, secret, on_connection)
     bound = server.sockets[0].getsockname()
     role = hello().role
     log.info("listening role=%s address=%s:%d", role, bound[0], bound[1])
     try:
-        await wait_for_stop_signal()
+        await stop.wait()
     finally:
         # No new peers; those connected keep their connections while draining (Server.wait_closed
         # is not awaited: from Python 3.12 it waits for every connection, and routers never leave).
@@ -89,10 +90,12 @@ async def listen_until_stopped(host: str, port: int, hello: Callable[[], Hello],
     log.info("stopped role=%s", role)
 
 
-async def wait_for_stop_signal() -> None:
-    """Returns on SIGINT or SIGTERM."""
+def stop_on_signal() -> asyncio.Event:
+    """An event set on SIGINT or SIGTERM, its handlers installed now. A host installs them before
+    its log says it listens: a SIGTERM sent the moment it does (as the chaos run sends one to a
+    host just restarted) would otherwise meet the default handler, which exits at once, undrained."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    return stop

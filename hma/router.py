@@ -29,7 +29,7 @@ from hma.config import RouterConfig
 from hma.detokenizer import IncrementalDetokenizer
 from hma.errors import (AuthenticationError, HMAError, InvalidRequestError, NotFoundError, RequestTooLargeError,
                         ServiceUnavailableError)
-from hma.host import fingerprint_of, phase, resolve_secret, wait_for_stop_signal
+from hma.host import fingerprint_of, phase, resolve_secret, stop_on_signal
 from hma.hosts import Cluster
 from hma.loading import apply_chat_template
 from hma.metrics import Counter, Gauge, Histogram, render
@@ -268,10 +268,11 @@ async def serve_router(config: RouterConfig) -> None:
                     api_keys(config.api_key), config.max_queued_requests)
     runner = web.AppRunner(router.app(), access_log=None)
     await runner.setup()
+    stop = stop_on_signal()
     try:
         await web.TCPSite(runner, config.host, config.port).start()
         log.info("listening role=router url=http://%s:%d", config.host, config.port)
-        await wait_for_stop_signal()
+        await stop.wait()
         log.info("draining role=router in_flight=%d", router.num_in_flight)
         await router.drain(DRAIN_TIMEOUT_S)
     finally:

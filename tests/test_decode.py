@@ -237,6 +237,34 @@ async def test_sigterm_refuses_new_requests_and_finishes_those_in_flight_then_ex
         server.worker.stop()
 
 
+async def test_a_host_takes_sigterm_from_before_its_log_says_it_listens(monkeypatch):
+    """The chaos run SIGTERMs a host as soon as its log says it listens: the host's handler must
+    be in place by then, or the default one ends the process undrained (exit status -15)."""
+    from hma import host as host_module
+
+    real_serve = host_module.serve
+
+    async def serve_then_signal(*args):
+        assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None)  # else the kill would end pytest
+        server = await real_serve(*args)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return server
+
+    monkeypatch.setattr(host_module, "serve", serve_then_signal)
+    drained = asyncio.Event()
+
+    async def drain() -> None:
+        drained.set()
+
+    try:
+        await asyncio.wait_for(listen_until_stopped("127.0.0.1", free_port(), _hello("decode"), b"k",
+                                                    lambda conn: asyncio.sleep(0), drain), 5)
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            asyncio.get_running_loop().remove_signal_handler(sig)
+    assert drained.is_set()
+
+
 async def test_a_prefill_host_that_never_answers_requestbegin_fails_it_within_the_landing_timeout():
     decode = engine_from_hf(tiny_hf_model("Qwen3ForCausalLM"), num_blocks=16, block_size=4, kv_dtype="int8")
 
