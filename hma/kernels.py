@@ -32,7 +32,7 @@ MIN_GROUP_ROWS = 4         # the query heads of a group padded to this many rows
 MAX_PARTITION = 1024       # tokens per split at most (the default), so long sequences spread over the GPU
 MERGE_COUNTERS = 1 << 16   # (sequence, KV head) groups a launch can merge in place (_arrival_counts)
 # Splits a merge step loads at once (_merge_group): a (rows, 8, head_dim) float32 tile is 32
-# registers a thread at 4 rows of 128 with 4 warps, and 8 covers most of batch 1's splits in one step.
+# registers a thread at 4 rows of 128 with 4 warps; batch 1 over 1,024-token tables is 8 splits.
 MERGE_WAY = tl.constexpr(8)
 _INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 
