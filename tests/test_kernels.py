@@ -7,6 +7,7 @@ import torch
 
 from hma import kernels, quant_kernels
 from hma.attention import decode_reference, write_kv_reference
+from hma.batch import slots_for
 from hma.kernels import DecodeConfig, choose_partition, paged_decode_attention
 from hma.quant_kernels import can_write_kv
 from hma.kv_cache import LayerKV
@@ -25,7 +26,7 @@ def _filled_layer(name: str, seq_lens: list[int], gen: torch.Generator, dtype: t
     tables = torch.tensor([order[i * per_seq:(i + 1) * per_seq] for i in range(len(seq_lens))])
     for table, n in zip(tables.tolist(), seq_lens):
         k, v = (3 * torch.randn(2, n, KV_HEADS, head_dim, generator=gen)).to(dtype).unbind(0)
-        slots = torch.tensor([table[p // BLOCK] * BLOCK + p % BLOCK for p in range(n)], dtype=torch.long)
+        slots = torch.tensor(slots_for(table, 0, n, BLOCK), dtype=torch.long)
         write_kv_reference(layer, k.to(DEVICE), v.to(DEVICE), slots.to(DEVICE))
     return layer, tables.to(DEVICE)
 
@@ -91,8 +92,7 @@ def test_more_splits_than_one_merge_step_takes_give_the_reference(in_place):
     seq_lens = [700, 3]
     assert -(-max(seq_lens) // 64) > kernels.MERGE_WAY
     layer, tables = _filled_layer("fp32", seq_lens, gen, torch.float32)
-    table = tables[0].tolist()
-    slots = torch.tensor([table[p // BLOCK] * BLOCK + p % BLOCK for p in range(600, 700)], device=DEVICE)
+    slots = torch.tensor(slots_for(tables[0].tolist(), 600, 700, BLOCK), device=DEVICE)
     write_kv_reference(layer, 6 * torch.randn(100, KV_HEADS, HEAD_DIM, generator=gen).to(DEVICE),
                        torch.randn(100, KV_HEADS, HEAD_DIM, generator=gen).to(DEVICE), slots)
     q = torch.randn(len(seq_lens), HEADS, HEAD_DIM, generator=gen).to(DEVICE)
