@@ -194,10 +194,16 @@ for kernel, args, constexprs in launches:
     names = kernel.arg_names
     signature = {n: TYPES[a.dtype] if isinstance(a, torch.Tensor) else ("fp32" if isinstance(a, float) else "i32")
                  for n, a in zip(names, args)}
+    # what a launch specializes on: pointers 16-byte aligned and integers divisible by 16 (torch's
+    # allocations are; the loads' vector width and the loops' software pipelining depend on it)
+    unspecialized = {a if isinstance(a, str) else names[a]
+                     for a in [*kernel.do_not_specialize, *kernel.do_not_specialize_on_alignment]}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, (n, a) in enumerate(zip(names, args)) if n not in unspecialized
+             and (isinstance(a, torch.Tensor) or (type(a) is int and a % 16 == 0))}
     for pdl in (False, True):  # as launched without programmatic dependent launch, and with it
         constexprs["PDL"] = pdl
         signature.update({n: "constexpr" for n in constexprs})
-        source = ASTSource(fn=kernel, signature=signature,
+        source = ASTSource(fn=kernel, signature=signature, attrs=attrs,
                            constexprs={(names.index(n),): v for n, v in constexprs.items()})
         ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
         assert ("griddepcontrol.wait" in ptx) == pdl, kernel.__name__
@@ -208,7 +214,9 @@ print("compiled", len(launches))
 def test_kernels_compile_for_an_h100_without_one():
     """The interpreter does not type-check like the compiler: compile every format's kernels, the
     matrix-vector and the layer kernels for sm_90 (no GPU needed), so a kernel that only the GPU
-    would reject fails here too; each also as launched with PDL, where it waits on its inputs."""
+    would reject fails here too; each also as launched with PDL, where it waits on its inputs, and
+    with the alignments a launch specializes on, so loads vectorize and loops software-pipeline as
+    on the GPU (without them the attention loop compiled with no asynchronous copies)."""
     import os
     import subprocess
     import sys
