@@ -146,9 +146,9 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--serve", action="store_true", help="keep the three running and print the URL")
     demo.set_defaults(run=_demo)
 
-    bench = commands.add_parser("bench", help="run a benchmark: speed, attention, matvec, profile, steps, serve, stream, systems, link, plots, prefill, outliers, transfer",
+    bench = commands.add_parser("bench", help="run a benchmark: speed, attention, compiled, matvec, profile, steps, serve, stream, systems, link, plots, prefill, outliers, transfer",
                                 add_help=False)
-    bench.add_argument("name", choices=["speed", "attention", "matvec", "profile", "steps", "serve", "stream", "systems", "link", "plots", "prefill", "outliers", "transfer"])
+    bench.add_argument("name", choices=["speed", "attention", "compiled", "matvec", "profile", "steps", "serve", "stream", "systems", "link", "plots", "prefill", "outliers", "transfer"])
     bench.set_defaults(run=_bench)
 
     quality = commands.add_parser("eval", help="quality of prefill precisions and KV formats",

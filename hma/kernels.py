@@ -42,7 +42,7 @@ class DecodeConfig:
     """The attention kernel's launch: tokens per loop iteration, warps, software-pipeline stages,
     a cap on registers per thread (None: the compiler's choice), the most tokens one program
     takes of a sequence (choose_partition), whether 8-bit K converts in registers (_load_tile),
-    the least rows of q a dot takes, and where the splits merge.
+    the least rows of q a dot takes, where the splits merge, and whether empty splits skip it.
     The defaults won a sweep on an H100 and stay within 1-3% of the best for bf16 and int4 on an
     H200 (`python -m hma bench attention`); 8-bit payloads take `EIGHT_BIT` (for_format)."""
 
@@ -62,6 +62,13 @@ class DecodeConfig:
     # 3.92 ms on the GPU against 4.26 with the merge kernel and 16 rows (H100, README sixteenth
     # run). False launches the merge kernel after the splits.
     merge_in_place: bool = True
+    # Merging in place, splits past a sequence's tokens leave at once, the merge waits only for
+    # the others, and a sequence of one split is written unmerged. A graph's tables are
+    # max_model_len wide: at 1,024 tokens in 4,096-token tables, 24 of batch 1's 32 splits and
+    # 3 of 4 (bf16) or 6 of 8 (fp8) at batch 64 hold none, yet store partials the merge reads.
+    # Off until timed on a GPU (`bench speed --attention skip_empty_splits=1`); compiled for sm_90
+    # it keeps three programs an SM for every format (`python -m hma bench compiled`).
+    skip_empty_splits: bool = False
 
 
 # 8-bit payloads: K converts in registers and V in inline assembly (_load_tile), two pipeline
@@ -269,10 +276,19 @@ def _paged_decode_kernel(
         KIND: tl.constexpr, GROUP: tl.constexpr, GROUP_ROWS: tl.constexpr, DIM_ROWS: tl.constexpr,
         TILE: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
         PARTITION: tl.constexpr, IS_SPLIT: tl.constexpr, INTERPRETED: tl.constexpr,
-        K_IN_REGISTERS: tl.constexpr, MERGE_IN_PLACE: tl.constexpr, PDL: tl.constexpr = False):
+        K_IN_REGISTERS: tl.constexpr, MERGE_IN_PLACE: tl.constexpr, SKIP_EMPTY: tl.constexpr,
+        PDL: tl.constexpr = False):
     await_inputs(PDL)
     seq, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq).to(tl.int32)
+    live = num_splits  # the splits a merge waits for
+    if SKIP_EMPTY:
+        # The splits holding tokens (a padding row's first split writes its zeros). A graph's
+        # tables are max_model_len wide, so most splits of a short sequence hold none: they
+        # leave at once, and neither store partials nor count toward the merge.
+        live = tl.maximum(tl.cdiv(seq_len, PARTITION), 1)
+        if split >= live:
+            return
     g = tl.arange(0, GROUP_ROWS)
     d = tl.arange(0, DIM_ROWS)  # head_dim padded to a power of two
     heads = kv_head * QUERIES_PER_KV + g  # the query heads sharing this KV head
@@ -316,7 +332,7 @@ def _paged_decode_kernel(
                 PAYLOAD_DIM, NUM_SCALES, BLOCK_SIZE, KIND, GROUP, TILE, DOT_PRECISION, K_IN_REGISTERS)
             k_scale, v_scale = k_next, v_next
 
-    if not IS_SPLIT:
+    if not IS_SPLIT or (SKIP_EMPTY and live == 1):  # the sequence's one split: nothing to merge
         out = acc / tl.where(running_sum > 0, running_sum, 1.0)[:, None]
         tl.store(out_ptr + q_rows[:, None] * HEAD_DIM + d[None, :], out.to(out_ptr.dtype.element_ty),
                  mask=q_mask)
@@ -328,31 +344,34 @@ def _paged_decode_kernel(
         tl.store(part_sum_ptr + part, running_sum, mask=head_ok)
         if MERGE_IN_PLACE:
             # Every thread's partials are stored before the count says so (the barrier; the
-            # atomic releases them GPU-wide), and the group's last program to arrive merges.
+            # atomic releases them GPU-wide), and the group's last live split to arrive merges.
             tl.debug_barrier()
             group = seq * NUM_KV_HEADS + kv_head
-            if tl.atomic_add(counts_ptr + group, 1, sem="acq_rel") == num_splits - 1:
+            if tl.atomic_add(counts_ptr + group, 1, sem="acq_rel") == live - 1:
                 _merge_group(out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr, q_rows, head_ok, d, num_splits,
-                             HEAD_DIM)
+                             live, HEAD_DIM)
                 tl.store(counts_ptr + group, 0)  # zero again for the next launch
 
 
 @triton.jit
-def _merge_group(out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr, rows, rows_ok, d, num_splits,
+def _merge_group(out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr, rows, rows_ok, d, num_splits, live,
                  HEAD_DIM: tl.constexpr):
     """out[row] = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s for each of the rows (query
-    heads) over its splits, MERGE_WAY splits a step with a running M: each step's maxes, sums and
-    accumulators load together, so a merge waits on L2 once a step, not at every split (a qwen3-4b
-    step at batch 1 took 7% less GPU time than with the splits walked one by one; H100, README
-    eighteenth run). The partials are read from L2 (.cg), where the programs of this launch left them."""
+    heads) over the first `live` of its num_splits splits, MERGE_WAY splits a step with a
+    running M: each step's maxes, sums and accumulators load together, so a merge waits on L2 once
+    a step, not at every split (a qwen3-4b step at batch 1 took 7% less GPU time than with the
+    splits walked one by one; H100, README eighteenth run). The partials are read from L2 (.cg),
+    where the programs of this launch left them."""
     s = tl.arange(0, MERGE_WAY)
     d_ok = (d < HEAD_DIM)[None, None, :]
     top = tl.full(rows.shape, float("-inf"), tl.float32)
     total = tl.zeros(rows.shape, tl.float32)
     acc = tl.zeros((rows.shape[0], d.shape[0]), tl.float32)
+    # Steps past `live` load nothing. Bounded by `live` itself, the loop cost bf16's kernel 44 more
+    # registers (152 to 196: two programs an SM, not three; `python -m hma bench compiled`).
     for first in range(0, num_splits, MERGE_WAY):
         part = rows[:, None] * num_splits + first + s[None, :]  # (rows, MERGE_WAY)
-        ok = rows_ok[:, None] & (first + s < num_splits)[None, :]
+        ok = rows_ok[:, None] & (first + s < live)[None, :]
         m = tl.load(part_max_ptr + part, mask=ok, other=float("-inf"), cache_modifier=".cg")
         l = tl.load(part_sum_ptr + part, mask=ok, other=0, cache_modifier=".cg")
         a = tl.load(part_acc_ptr + part[:, :, None] * HEAD_DIM + d[None, None, :], mask=ok[:, :, None] & d_ok,
@@ -378,7 +397,7 @@ def _merge_splits_kernel(out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr, num_
     g = tl.arange(0, GROUP_ROWS)
     rows = tl.program_id(0) * QUERIES_PER_KV + g  # program (seq, kv_head): its query heads' rows
     _merge_group(out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr, rows, g < QUERIES_PER_KV, tl.arange(0, DIM_ROWS),
-                 num_splits, HEAD_DIM)
+                 num_splits, num_splits, HEAD_DIM)
 
 
 def _dot_dtype(dtype: torch.dtype, kind: int):
@@ -411,7 +430,8 @@ def paged_decode_attention(q: torch.Tensor, cache: LayerKV, block_tables: torch.
                            config: DecodeConfig | None = None) -> torch.Tensor:
     """q (num_seqs, heads, head_dim) -> like q; block_tables (num_seqs, max_blocks), seq_lens
     (num_seqs,) on q's device. The grid covers max_blocks * block_size tokens; splits past a
-    sequence's length exit at once. config: the launch (default: for_format of the cache's)."""
+    sequence's length store empty partials, or with config.skip_empty_splits (merging in place)
+    exit at once. config: the launch (default: for_format of the cache's)."""
     config = config or for_format(cache.format)
     num_seqs, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, payload_dim = cache.k.shape
@@ -447,7 +467,7 @@ def paged_decode_attention(q: torch.Tensor, cache: LayerKV, block_tables: torch.
         # float32 models (the tests' reference runs) get full-precision dots, not TF32
         DOT_DTYPE=_dot_dtype(q.dtype, kind), DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         INTERPRETED=os.environ.get("TRITON_INTERPRET") == "1", K_IN_REGISTERS=config.k_in_registers,
-        MERGE_IN_PLACE=in_place, num_warps=config.num_warps,
+        MERGE_IN_PLACE=in_place, SKIP_EMPTY=in_place and config.skip_empty_splits, num_warps=config.num_warps,
         num_stages=config.num_stages, **({"maxnreg": config.max_registers} if config.max_registers else {}))
     if num_splits > 1 and not in_place:
         triton_launch(

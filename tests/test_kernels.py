@@ -103,6 +103,30 @@ def test_more_splits_than_one_merge_step_takes_give_the_reference(in_place):
     torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("name", ["fp32", "fp8"])
+@pytest.mark.parametrize("in_place,skip", [(True, True), (True, False), (False, False)],
+                         ids=["in-place-skipping-empty-splits", "in-place", "merge-kernel"])
+def test_tables_wider_than_the_sequences_give_the_reference(name, in_place, skip):
+    """A graph's tables are max_model_len wide, so most splits of a short sequence hold no token.
+    Skipping them, they leave at once and the live ones merge: 200 tokens in 64-token splits of
+    512-token tables are 4 live splits of 8, 65 tokens 2, 64 tokens and 1 token one split
+    (written without a merge), the padding row one split of zeros. Twice: each group's counter
+    must be back at zero."""
+    gen = torch.Generator().manual_seed(6)
+    seq_lens = [200, 65, 64, 1, 0]
+    layer, tables = _filled_layer(name, seq_lens, gen, torch.float32)
+    wide = torch.cat([tables, tables[:, :1].expand(-1, 512 // BLOCK - tables.shape[1])], dim=1)
+    q = torch.randn(len(seq_lens), HEADS, HEAD_DIM, generator=gen).to(DEVICE)
+    lens = torch.tensor(seq_lens, device=DEVICE)
+    config = dataclasses.replace(kernels.for_format(layer.format), tile=64, merge_in_place=in_place,
+                                 skip_empty_splits=skip)
+    expected = decode_reference(q[:-1], layer, tables[:-1], lens[:-1], HEAD_DIM ** -0.5)  # NaN for no token
+    for _ in range(2):
+        got = paged_decode_attention(q, layer, wide, lens, HEAD_DIM ** -0.5, 64, config)
+        torch.testing.assert_close(got[:-1], expected, atol=2e-5, rtol=1e-4)
+        assert torch.equal(got[-1], torch.zeros_like(got[-1]))
+
+
 def test_more_groups_than_counters_merge_by_the_merge_kernel(monkeypatch):
     monkeypatch.setattr(kernels, "MERGE_COUNTERS", 3)  # the test's 4 sequences x 2 KV heads are more
     merges = []
@@ -155,57 +179,41 @@ def test_partition_spreads_short_batches_and_caps_long_ones():
 
 
 COMPILE_FOR_HOPPER = r'''
-import dataclasses, sys, torch, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from hma import kernels, quant_kernels
+import dataclasses, sys, torch
+from hma import kernels, layer_kernels, matvec, quant_kernels
+from hma.bench.compiled import capture_launches, compile_for_hopper
 from hma.kv_cache import LayerKV
 from hma.kv_formats import get_kv_format
-
-TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.int64: "*i64", torch.int32: "*i32",
-         torch.float8_e4m3fn: "*fp8e4nv", torch.int8: "*i8", torch.uint8: "*u8"}
-launches = []
-kernels.triton_launch = lambda kernel, grid, *args, **constexprs: launches.append((kernel, args, constexprs))
-for name in sys.argv[1:]:
-    layer = LayerKV.empty(get_kv_format(name), 4, 16, 8, 128, "cpu")
-    q = torch.zeros(3, 32, 128, dtype=torch.bfloat16)
-    in_place = dataclasses.replace(kernels.for_format(layer.format), merge_in_place=True)
-    kernels.paged_decode_attention(q, layer, torch.zeros(3, 300, dtype=torch.long), torch.ones(3, dtype=torch.long), 0.1,
-                                   config=in_place)
-    if quant_kernels.can_write_kv(layer.format):
-        kv = torch.zeros(3, 3, 8, 128, dtype=torch.bfloat16)
-        quant_kernels.write_kv(layer, kv[:, 1], kv[:, 2], torch.zeros(3, dtype=torch.long))
-# the last format's splits merged by a kernel of their own
-kernels.paged_decode_attention(q, layer, torch.zeros(3, 300, dtype=torch.long), torch.ones(3, dtype=torch.long), 0.1,
-                               config=dataclasses.replace(in_place, merge_in_place=False))
 from hma.quant import MIN_SCALE, ROW_QMAX
-for mode, qmax in ROW_QMAX.items():
-    quant_kernels.quantize_rows(torch.zeros(3, 2560, dtype=torch.bfloat16), mode, qmax, MIN_SCALE)
-from hma import layer_kernels, matvec
-x, w = torch.zeros(1, 2560, dtype=torch.bfloat16), torch.zeros(64, 2560, dtype=torch.bfloat16)
-matvec.linear(x, w)
-matvec.gated_linear(x, w)
-layer_kernels.add_rms_norm(x, x, x[0], 1e-6)
-qkv = torch.zeros(3, 12, 128, dtype=torch.bfloat16)
-layer_kernels.norm_and_rotate(qkv[:, :8], qkv[:, 8:10], qkv[:, 0, None], qkv[:, 0, None], qkv[0, 0], qkv[0, 0], 1e-6)
-layer_kernels.silu_and_mul(torch.zeros(3, 512, dtype=torch.bfloat16))
+
+def launch_all():
+    for name in sys.argv[1:]:
+        layer = LayerKV.empty(get_kv_format(name), 4, 16, 8, 128, "cpu")
+        q = torch.zeros(3, 32, 128, dtype=torch.bfloat16)
+        in_place = dataclasses.replace(kernels.for_format(layer.format), merge_in_place=True)
+        kernels.paged_decode_attention(q, layer, torch.zeros(3, 300, dtype=torch.long), torch.ones(3, dtype=torch.long),
+                                       0.1, config=in_place)
+        if quant_kernels.can_write_kv(layer.format):
+            kv = torch.zeros(3, 3, 8, 128, dtype=torch.bfloat16)
+            quant_kernels.write_kv(layer, kv[:, 1], kv[:, 2], torch.zeros(3, dtype=torch.long))
+    # the last format's splits merged by a kernel of their own, and merged in place skipping empty splits
+    for config in (dataclasses.replace(in_place, merge_in_place=False), dataclasses.replace(in_place, skip_empty_splits=True)):
+        kernels.paged_decode_attention(q, layer, torch.zeros(3, 300, dtype=torch.long), torch.ones(3, dtype=torch.long),
+                                       0.1, config=config)
+    for mode, qmax in ROW_QMAX.items():
+        quant_kernels.quantize_rows(torch.zeros(3, 2560, dtype=torch.bfloat16), mode, qmax, MIN_SCALE)
+    x, w = torch.zeros(1, 2560, dtype=torch.bfloat16), torch.zeros(64, 2560, dtype=torch.bfloat16)
+    matvec.linear(x, w)
+    matvec.gated_linear(x, w)
+    layer_kernels.add_rms_norm(x, x, x[0], 1e-6)
+    qkv = torch.zeros(3, 12, 128, dtype=torch.bfloat16)
+    layer_kernels.norm_and_rotate(qkv[:, :8], qkv[:, 8:10], qkv[:, 0, None], qkv[:, 0, None], qkv[0, 0], qkv[0, 0], 1e-6)
+    layer_kernels.silu_and_mul(torch.zeros(3, 512, dtype=torch.bfloat16))
+
+launches = capture_launches(launch_all)
 for kernel, args, constexprs in launches:
-    options = {k: constexprs.pop(k) for k in ("num_warps", "num_stages", "maxnreg") if k in constexprs}
-    names = kernel.arg_names
-    signature = {n: TYPES[a.dtype] if isinstance(a, torch.Tensor) else ("fp32" if isinstance(a, float) else "i32")
-                 for n, a in zip(names, args)}
-    # what a launch specializes on: pointers 16-byte aligned and integers divisible by 16 (torch's
-    # allocations are; the loads' vector width and the loops' software pipelining depend on it)
-    unspecialized = {a if isinstance(a, str) else names[a]
-                     for a in [*kernel.do_not_specialize, *kernel.do_not_specialize_on_alignment]}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, (n, a) in enumerate(zip(names, args)) if n not in unspecialized
-             and (isinstance(a, torch.Tensor) or (type(a) is int and a % 16 == 0))}
     for pdl in (False, True):  # as launched without programmatic dependent launch, and with it
-        constexprs["PDL"] = pdl
-        signature.update({n: "constexpr" for n in constexprs})
-        source = ASTSource(fn=kernel, signature=signature, attrs=attrs,
-                           constexprs={(names.index(n),): v for n, v in constexprs.items()})
-        ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
+        ptx = compile_for_hopper(kernel, args, constexprs, pdl).asm["ptx"]
         assert ("griddepcontrol.wait" in ptx) == pdl, kernel.__name__
 print("compiled", len(launches))
 '''
@@ -227,8 +235,8 @@ def test_kernels_compile_for_an_h100_without_one():
     assert result.returncode == 0, result.stderr[-3000:]
     storable = sum(can_write_kv(f) for f in KV_FORMATS.values())
     # each format's attention (its splits merged in place), one merged apart (+ the merge kernel),
-    # the K/V writes, matvec twice, the layer kernels thrice
-    launches = len(KV_FORMATS) + 2 + storable + 2 + 5
+    # one skipping empty splits, the K/V writes, matvec twice, the layer kernels thrice
+    launches = len(KV_FORMATS) + 3 + storable + 2 + 5
     assert result.stdout.split() == ["compiled", str(launches)]
 
 
