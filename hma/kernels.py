@@ -363,18 +363,18 @@ def _merge_group(out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr, rows, rows_o
     splits walked one by one; H100, README eighteenth run). The partials are read from L2 (.cg),
     where the programs of this launch left them."""
     s = tl.arange(0, MERGE_WAY)
-    d_ok = (d < HEAD_DIM)[None, None, :]
+    d_ok = d < HEAD_DIM
     top = tl.full(rows.shape, float("-inf"), tl.float32)
     total = tl.zeros(rows.shape, tl.float32)
     acc = tl.zeros((rows.shape[0], d.shape[0]), tl.float32)
     # Steps past `live` load nothing. Bounded by `live` itself, the loop cost bf16's kernel 44 more
-    # registers (152 to 196: two programs an SM, not three; `python -m hma bench compiled`).
+    # registers under Triton 3.9 (152 to 196: two programs an SM, not three; `bench compiled`).
     for first in range(0, num_splits, MERGE_WAY):
         part = rows[:, None] * num_splits + first + s[None, :]  # (rows, MERGE_WAY)
         ok = rows_ok[:, None] & (first + s < live)[None, :]
         m = tl.load(part_max_ptr + part, mask=ok, other=float("-inf"), cache_modifier=".cg")
         l = tl.load(part_sum_ptr + part, mask=ok, other=0, cache_modifier=".cg")
-        a = tl.load(part_acc_ptr + part[:, :, None] * HEAD_DIM + d[None, None, :], mask=ok[:, :, None] & d_ok,
+        a = tl.load(part_acc_ptr + part[:, :, None] * HEAD_DIM + d[None, None, :], mask=ok[:, :, None] & d_ok[None, None, :],
                     other=0, cache_modifier=".cg")
         new_top = tl.maximum(top, tl.max(m, axis=1))
         base = tl.where(new_top == float("-inf"), 0.0, new_top)  # an empty sequence: every weight is 0
@@ -384,8 +384,8 @@ def _merge_group(out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr, rows, rows_o
         acc = acc * rescale[:, None] + tl.sum(weight[:, :, None] * a, axis=1)
         top = new_top
     out = acc / tl.where(total > 0, total, 1.0)[:, None]
-    mask = rows_ok[:, None] & (d < HEAD_DIM)[None, :]
-    tl.store(out_ptr + rows[:, None] * HEAD_DIM + d[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + rows[:, None] * HEAD_DIM + d[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=rows_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit(do_not_specialize=["num_splits"])

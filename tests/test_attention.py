@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from hma.attention import causal_attention, gather_kv, paged_attention, prefill_bucket, warm_up_prefill, write_kv
-from hma.batch import Batch, SeqChunk
+from hma.batch import Batch, SeqChunk, slots_for
 from hma.kv_cache import LayerKV
 from hma.kv_formats import KV_FORMATS, get_kv_format
 
@@ -41,7 +41,7 @@ def test_decode_attention_over_quantized_blocks_stays_close_to_float(name, bound
         chunks = []
         for n, table in zip(lens, tables):
             k, v = torch.randn(2, n - 1, KV_HEADS, HEAD_DIM, generator=gen).unbind(0)
-            slots = torch.tensor([table[p // BLOCK] * BLOCK + p % BLOCK for p in range(n - 1)])
+            slots = torch.tensor(slots_for(table, 0, n - 1, BLOCK))
             write_kv(layer, k, v, slots)
             chunks.append(SeqChunk([0], n - 1, table))
         batch = Batch.build([], chunks, BLOCK, "cpu")

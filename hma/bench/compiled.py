@@ -4,8 +4,9 @@
 Each KV format's default launch (one layer: 8 KV heads, 32 query heads, head_dim 128, batch x
 context tokens), with each `--attention` set of DecodeConfig fields in turn, is compiled by
 Triton for sm_90 with the alignments a GPU launch specializes on. It reports the registers a
-thread takes, the bytes spilled to local memory, the shared memory, the SASS instructions and,
-from registers and shared memory, how many programs an H100 SM can hold. A kernel change can be
+thread takes, the bytes spilled to local memory, the shared memory, the SASS instructions (and a
+digest of them: equal digests are the same machine code) and, from registers and shared memory,
+how many programs an H100 SM can hold. A kernel change can be
 checked for occupancy here before GPU time is spent on it; the times are only the GPU's to say.
 The figures hold for this machine's Triton (recorded in the JSON), whose compiler may differ
 from a GPU machine's.
@@ -14,6 +15,7 @@ from a GPU machine's.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import re
 import subprocess
@@ -89,8 +91,11 @@ def resources(compiled, workdir: Path) -> dict:
     spilled = int(re.search(r"LOCAL:(\d+)", usage).group(1))
     shared = compiled.metadata.shared + int(re.search(r"SHARED:(\d+)", usage).group(1))
     warps = compiled.metadata.num_warps
+    instructions = [line.split("*/", 1)[1].strip() for line in sass.splitlines() if re.match(r"^\s+/\*[0-9a-f]{4,}\*/", line)]
     return {"registers": registers, "spilled_bytes": spilled, "shared_bytes": shared,
-            "sass_instructions": len(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/", sass, re.M)),
+            "sass_instructions": len(instructions),
+            # equal digests: the same machine code, so a change that should not touch a kernel can be checked
+            "sass_digest": hashlib.sha256("\n".join(instructions).encode()).hexdigest()[:12],
             "num_warps": warps, "programs_per_sm": programs_per_sm(registers, shared, warps)}
 
 
@@ -150,8 +155,9 @@ def main(argv: list[str] | None = None) -> dict:
 def print_table(out: dict) -> None:
     print(f"decode attention compiled for {out['target']} (Triton {out['triton']}), "
           f"{out['batch_size']} x {out['context_len']} tokens")
-    print(f"{'attention':>28} {'KV':>5} {'registers':>9} {'spilled':>7} {'shared KiB':>10} {'SASS':>6} {'per SM':>6}")
+    print(f"{'attention':>28} {'KV':>5} {'registers':>9} {'spilled':>7} {'shared KiB':>10} {'SASS':>6} {'per SM':>6} "
+          f"{'digest':>12}")
     for run in out["runs"]:
         print(f"{run['attention'] or 'defaults':>28} {run['kv_dtype']:>5} {run['registers']:>9} "
               f"{run['spilled_bytes']:>7} {run['shared_bytes'] / 1024:>10.1f} {run['sass_instructions']:>6} "
-              f"{run['programs_per_sm']:>6}")
+              f"{run['programs_per_sm']:>6} {run['sass_digest']:>12}")
