@@ -42,7 +42,8 @@ class DecodeConfig:
     """The attention kernel's launch: tokens per loop iteration, warps, software-pipeline stages,
     a cap on registers per thread (None: the compiler's choice), the most tokens one program
     takes of a sequence (choose_partition), whether 8-bit K converts in registers (_load_tile),
-    the least rows of q a dot takes, where the splits merge, and whether empty splits skip it.
+    the least rows of q a dot takes, where the splits merge, and whether splits holding no
+    tokens leave early.
     The defaults won a sweep on an H100 and stay within 1-3% of the best for bf16 and int4 on an
     H200 (`python -m hma bench attention`); 8-bit payloads take `EIGHT_BIT` (for_format)."""
 
@@ -67,7 +68,7 @@ class DecodeConfig:
     # max_model_len wide: at 1,024 tokens in 4,096-token tables, 24 of batch 1's 32 splits and
     # 3 of 4 (bf16) or 6 of 8 (fp8) at batch 64 hold none, yet store partials the merge reads.
     # Off until timed on a GPU (`bench speed --attention skip_empty_splits=1`); compiled for sm_90
-    # it keeps three programs an SM for every format (`python -m hma bench compiled`).
+    # it changes no format's programs an SM (`python -m hma bench compiled`).
     skip_empty_splits: bool = False
 
 
@@ -283,10 +284,11 @@ def _paged_decode_kernel(
     seq_len = tl.load(seq_lens_ptr + seq).to(tl.int32)
     live = num_splits  # the splits a merge waits for
     if SKIP_EMPTY:
-        # The splits holding tokens (a padding row's first split writes its zeros). A graph's
-        # tables are max_model_len wide, so most splits of a short sequence hold none: they
-        # leave at once, and neither store partials nor count toward the merge.
-        live = tl.maximum(tl.cdiv(seq_len, PARTITION), 1)
+        # The splits holding tokens (a padding row's first split writes its zeros), at most the
+        # grid's: a seq_len past its table must not leave the merge waiting for splits never
+        # launched. A graph's tables are max_model_len wide, so most splits of a short sequence
+        # hold none: they leave at once, and neither store partials nor count toward the merge.
+        live = tl.minimum(tl.maximum(tl.cdiv(seq_len, PARTITION), 1), num_splits)
         if split >= live:
             return
     g = tl.arange(0, GROUP_ROWS)
@@ -368,14 +370,15 @@ def _merge_group(out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr, rows, rows_o
     total = tl.zeros(rows.shape, tl.float32)
     acc = tl.zeros((rows.shape[0], d.shape[0]), tl.float32)
     # Steps past `live` load nothing. Bounded by `live` itself, the loop cost bf16's kernel 44 more
-    # registers under Triton 3.9 (152 to 196: two programs an SM, not three; `bench compiled`).
+    # registers under Triton 3.9 (152 to 196: two programs an SM, not three; `bench compiled` of
+    # that draft, not kept).
     for first in range(0, num_splits, MERGE_WAY):
         part = rows[:, None] * num_splits + first + s[None, :]  # (rows, MERGE_WAY)
         ok = rows_ok[:, None] & (first + s < live)[None, :]
         m = tl.load(part_max_ptr + part, mask=ok, other=float("-inf"), cache_modifier=".cg")
         l = tl.load(part_sum_ptr + part, mask=ok, other=0, cache_modifier=".cg")
-        a = tl.load(part_acc_ptr + part[:, :, None] * HEAD_DIM + d[None, None, :], mask=ok[:, :, None] & d_ok[None, None, :],
-                    other=0, cache_modifier=".cg")
+        a = tl.load(part_acc_ptr + part[:, :, None] * HEAD_DIM + d[None, None, :],
+                    mask=ok[:, :, None] & d_ok[None, None, :], other=0, cache_modifier=".cg")
         new_top = tl.maximum(top, tl.max(m, axis=1))
         base = tl.where(new_top == float("-inf"), 0.0, new_top)  # an empty sequence: every weight is 0
         rescale = tl.exp(top - base)

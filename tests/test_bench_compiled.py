@@ -13,8 +13,12 @@ from hma.bench import compiled
 def test_an_sm_holds_programs_by_registers_shared_memory_and_warps():
     assert compiled.programs_per_sm(152, 68 * 1024, 4) == 3  # 19,456 registers and 69 KiB a program
     assert compiled.programs_per_sm(196, 68 * 1024, 4) == 2  # 25,600 registers: two fit in 64K
+    assert compiled.programs_per_sm(192, 0, 2) == 4  # two 6,144-register warps a 16K quarter, not 10 an SM
     assert compiled.programs_per_sm(64, 100 * 1024, 4) == 2  # shared memory binds
-    assert compiled.programs_per_sm(32, 0, 4) == 16  # 2,048 threads an SM
+    assert compiled.programs_per_sm(16, 45670, 4) == 4  # 45,696 in 128-byte units, + 1 KiB: five need <= 46,694
+    assert compiled.programs_per_sm(16, 0, 4) == 16  # 2,048 threads an SM (registers would allow 32)
+    assert compiled.programs_per_sm(16, 0, 1) == 32  # 32 programs an SM
+    assert compiled.programs_per_sm(16, 228 * 1024, 4) == 0  # more than a program may take
 
 
 def test_each_attention_set_is_compiled_for_each_format(tmp_path):

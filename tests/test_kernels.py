@@ -127,6 +127,22 @@ def test_tables_wider_than_the_sequences_give_the_reference(name, in_place, skip
         assert torch.equal(got[-1], torch.zeros_like(got[-1]))
 
 
+def test_a_sequence_longer_than_its_table_leaves_no_counter_waiting():
+    """Skipping empty splits, a split counts only up to the grid's splits: a length past the
+    table (a caller's bug) must not leave a merge waiting on splits never launched, with its
+    counter stuck for every later launch."""
+    gen = torch.Generator().manual_seed(7)
+    layer, tables = _filled_layer("fp32", [128, 5], gen, torch.float32)  # 16 blocks of 8: 128 tokens
+    q = torch.randn(2, HEADS, HEAD_DIM, generator=gen).to(DEVICE)
+    config = dataclasses.replace(kernels.for_format(layer.format), tile=64, skip_empty_splits=True)
+    paged_decode_attention(q, layer, tables, torch.tensor([200, 5], device=DEVICE), HEAD_DIM ** -0.5, 64, config)
+    counts = kernels._COUNTS.get(torch.empty(0, device=DEVICE).device)
+    assert counts is not None and not counts.any()
+    lens = torch.tensor([128, 5], device=DEVICE)
+    got = paged_decode_attention(q, layer, tables, lens, HEAD_DIM ** -0.5, 64, config)
+    torch.testing.assert_close(got, decode_reference(q, layer, tables, lens, HEAD_DIM ** -0.5), atol=2e-5, rtol=1e-4)
+
+
 def test_more_groups_than_counters_merge_by_the_merge_kernel(monkeypatch):
     monkeypatch.setattr(kernels, "MERGE_COUNTERS", 3)  # the test's 4 sequences x 2 KV heads are more
     merges = []
@@ -181,7 +197,7 @@ def test_partition_spreads_short_batches_and_caps_long_ones():
 COMPILE_FOR_HOPPER = r'''
 import dataclasses, sys, torch
 from hma import kernels, layer_kernels, matvec, quant_kernels
-from hma.bench.compiled import capture_launches, compile_for_hopper
+from hma.bench.sm90 import capture_launches, compile_for_hopper
 from hma.kv_cache import LayerKV
 from hma.kv_formats import get_kv_format
 from hma.quant import MIN_SCALE, ROW_QMAX
@@ -235,8 +251,9 @@ def test_kernels_compile_for_an_h100_without_one():
     assert result.returncode == 0, result.stderr[-3000:]
     storable = sum(can_write_kv(f) for f in KV_FORMATS.values())
     # each format's attention (its splits merged in place), one merged apart (+ the merge kernel),
-    # one skipping empty splits, the K/V writes, matvec twice, the layer kernels thrice
-    launches = len(KV_FORMATS) + 3 + storable + 2 + 5
+    # one skipping empty splits, the K/V writes, matvec twice, row quantization twice, the layer
+    # kernels thrice
+    launches = len(KV_FORMATS) + 3 + storable + 2 + 2 + 3
     assert result.stdout.split() == ["compiled", str(launches)]
 
 

@@ -3,11 +3,11 @@
 `python -m hma bench compiled --attention '' --attention skip_empty_splits=1 --json compiled.json`
 Each KV format's default launch (one layer: 8 KV heads, 32 query heads, head_dim 128, batch x
 context tokens), with each `--attention` set of DecodeConfig fields in turn, is compiled by
-Triton for sm_90 with the alignments a GPU launch specializes on. It reports the registers a
-thread takes, the bytes spilled to local memory, the shared memory, the SASS instructions (and a
-digest of them: equal digests are the same machine code) and, from registers and shared memory,
-how many programs an H100 SM can hold. A kernel change can be
-checked for occupancy here before GPU time is spent on it; the times are only the GPU's to say.
+Triton for sm_90, specialized as a GPU launch would be (hma/bench/sm90.py). It reports the
+registers a thread takes, the bytes spilled to local memory, the shared memory, the SASS
+instructions (and a digest of them: equal digests are the same machine code) and, from registers
+and shared memory, how many programs an H100 SM can hold. A kernel change can be checked for
+occupancy here before GPU time is spent on it; the times are only the GPU's to say.
 The figures hold for this machine's Triton (recorded in the JSON), whose compiler may differ
 from a GPU machine's.
 """
@@ -24,54 +24,19 @@ from pathlib import Path
 
 import torch
 import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 
 from hma import kernels
 from hma.bench import write_json
+from hma.bench.sm90 import capture_launches, compile_for_hopper
 from hma.kv_cache import LayerKV
 from hma.kv_formats import get_kv_format
 
-POINTER_TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.int64: "*i64",
-                 torch.int32: "*i32", torch.float8_e4m3fn: "*fp8e4nv", torch.int8: "*i8", torch.uint8: "*u8"}
-# An H100 SM: 64K 32-bit registers, allotted to warps 256 at a time; 228 KiB of shared memory, of
-# which each program also reserves 1 KiB; at most 32 programs.
-SM_REGISTERS, REGISTER_UNIT, SM_SHARED, PROGRAM_RESERVED, SM_PROGRAMS = 65536, 256, 228 * 1024, 1024, 32
+# An H100 SM (CUDA's occupancy rules for compute capability 9.0): 64K 32-bit registers in four
+# quarters, allotted to warps 256 at a time; 228 KiB of shared memory in 128-byte units, of which
+# each program also reserves 1 KiB and may take 227 KiB; at most 32 programs and 2,048 threads.
+SM_REGISTERS, REGISTER_UNIT, SM_SHARED, SHARED_UNIT, PROGRAM_RESERVED = 65536, 256, 228 * 1024, 128, 1024
+PROGRAM_SHARED, SM_PROGRAMS, SM_THREADS = 227 * 1024, 32, 2048
 H100_SMS = 132
-
-
-def capture_launches(run) -> list[tuple]:
-    """(kernel, args, constexprs) of every kernels.triton_launch that run() makes, none of them run."""
-    launches, real = [], kernels.triton_launch
-    kernels.triton_launch = lambda kernel, grid, *args, **constexprs: launches.append((kernel, args, constexprs))
-    try:
-        run()
-    finally:
-        kernels.triton_launch = real
-    return launches
-
-
-def compile_for_hopper(kernel, args: tuple, constexprs: dict, pdl: bool = True):
-    """Triton's compile of one launch for sm_90, as a GPU would compile it: pointers 16-byte
-    aligned and integers divisible by 16 marked so (torch's allocations are; the loads' vector
-    width and the loops' software pipelining depend on it), but for the arguments the kernel
-    leaves unspecialized. pdl: as launched with programmatic dependent launch."""
-    constexprs = dict(constexprs)
-    options = {k: constexprs.pop(k) for k in ("num_warps", "num_stages", "maxnreg") if k in constexprs}
-    names = kernel.arg_names
-    signature = {n: POINTER_TYPES[a.dtype] if isinstance(a, torch.Tensor) else ("fp32" if isinstance(a, float) else "i32")
-                 for n, a in zip(names, args)}
-    if "PDL" in names:
-        constexprs["PDL"] = pdl
-    constexprs.pop("launch_pdl", None)
-    signature.update({n: "constexpr" for n in constexprs})
-    unspecialized = {a if isinstance(a, str) else names[a]
-                     for a in [*kernel.do_not_specialize, *kernel.do_not_specialize_on_alignment]}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, (n, a) in enumerate(zip(names, args)) if n not in unspecialized
-             and (isinstance(a, torch.Tensor) or (type(a) is int and a % 16 == 0))}
-    source = ASTSource(fn=kernel, signature=signature, attrs=attrs,
-                       constexprs={(names.index(n),): v for n, v in constexprs.items()})
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
 
 
 def _cuda_tool(name: str) -> str:
@@ -100,10 +65,15 @@ def resources(compiled, workdir: Path) -> dict:
 
 
 def programs_per_sm(registers: int, shared: int, warps: int) -> int:
-    """Programs of this many registers a thread, bytes of shared memory and warps an H100 SM holds."""
+    """Programs of this many registers a thread, bytes of shared memory and warps an H100 SM
+    holds: registers go to warps 256 at a time from each of the SM's four 16K-register quarters,
+    shared memory 128 bytes at a time plus 1 KiB a program (227 KiB at most a program)."""
     warp_registers = -(-registers * 32 // REGISTER_UNIT) * REGISTER_UNIT
-    return min(SM_REGISTERS // (warp_registers * warps), SM_SHARED // (shared + PROGRAM_RESERVED), SM_PROGRAMS,
-               2048 // (32 * warps))
+    by_registers = (SM_REGISTERS // 4 // warp_registers) * 4 // warps
+    program_shared = -(-shared // SHARED_UNIT) * SHARED_UNIT + PROGRAM_RESERVED
+    if shared > PROGRAM_SHARED:
+        return 0
+    return min(by_registers, SM_SHARED // program_shared, SM_PROGRAMS, SM_THREADS // (32 * warps))
 
 
 def attention_launch(kv_dtype: str, batch: int, context: int) -> tuple:
