@@ -240,7 +240,7 @@ def test_kernels_compile_for_an_h100_without_one():
     matrix-vector and the layer kernels for sm_90 (no GPU needed), so a kernel that only the GPU
     would reject fails here too; each also as launched with PDL, where it waits on its inputs, and
     with the alignments a launch specializes on, so loads vectorize and loops software-pipeline as
-    on the GPU (without them the attention loop compiled with no asynchronous copies)."""
+    on the GPU (without them the bf16 and quantized attention loops had no asynchronous copies)."""
     import os
     import subprocess
     import sys
