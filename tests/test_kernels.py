@@ -78,8 +78,13 @@ def test_splits_merged_in_place_or_by_their_own_kernel_give_the_reference(name, 
     merge = [] if in_place else [kernels._merge_splits_kernel]
     assert launched == ([kernels._paged_decode_kernel] + merge) * 2
     if in_place:
-        counts = kernels._COUNTS.get(torch.empty(0, device=DEVICE).device)  # cuda:0, as the kernel's key
-        assert counts is not None and not counts.any()
+        _assert_counters_zero()
+
+
+def _assert_counters_zero() -> None:
+    """The device's merge counters exist and are all zero, as the next launch needs them."""
+    counts = kernels._COUNTS.get(torch.empty(0, device=DEVICE).device)  # cuda:0, as the kernel's key
+    assert counts is not None and not counts.any()
 
 
 @pytest.mark.parametrize("in_place", [True, False], ids=["merged-in-place", "merge-kernel"])
@@ -136,8 +141,7 @@ def test_a_sequence_longer_than_its_table_leaves_no_counter_waiting():
     q = torch.randn(2, HEADS, HEAD_DIM, generator=gen).to(DEVICE)
     config = dataclasses.replace(kernels.for_format(layer.format), tile=64, skip_empty_splits=True)
     paged_decode_attention(q, layer, tables, torch.tensor([200, 5], device=DEVICE), HEAD_DIM ** -0.5, 64, config)
-    counts = kernels._COUNTS.get(torch.empty(0, device=DEVICE).device)
-    assert counts is not None and not counts.any()
+    _assert_counters_zero()
     lens = torch.tensor([128, 5], device=DEVICE)
     got = paged_decode_attention(q, layer, tables, lens, HEAD_DIM ** -0.5, 64, config)
     torch.testing.assert_close(got, decode_reference(q, layer, tables, lens, HEAD_DIM ** -0.5), atol=2e-5, rtol=1e-4)

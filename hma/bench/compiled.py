@@ -19,6 +19,7 @@ import hashlib
 import os
 import re
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -105,18 +106,17 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit("bench compiled compiles what a GPU runs: unset TRITON_INTERPRET")
     out = {"target": "sm_90", "triton": triton.__version__, "date": time.strftime("%Y-%m-%d"),
            "batch_size": args.batch_size, "context_len": args.context, "runs": []}
-    workdir = Path(os.environ.get("TMPDIR", "/tmp")) / "hma-bench-compiled"
-    workdir.mkdir(parents=True, exist_ok=True)
-    for overrides in args.attention or [""]:
-        kernels.LAUNCH_OVERRIDES.clear()
-        kernels.LAUNCH_OVERRIDES.update(kernels.parse_overrides(overrides))
-        try:
-            for kv_dtype in args.kv_dtypes.split(","):
-                kernel, launch_args, constexprs = attention_launch(kv_dtype, args.batch_size, args.context)
-                found = resources(compile_for_hopper(kernel, launch_args, constexprs), workdir)
-                out["runs"].append({"attention": overrides, "kv_dtype": kv_dtype, **found})
-        finally:
+    with tempfile.TemporaryDirectory() as workdir:
+        for overrides in args.attention or [""]:
             kernels.LAUNCH_OVERRIDES.clear()
+            kernels.LAUNCH_OVERRIDES.update(kernels.parse_overrides(overrides))
+            try:
+                for kv_dtype in args.kv_dtypes.split(","):
+                    kernel, launch_args, constexprs = attention_launch(kv_dtype, args.batch_size, args.context)
+                    found = resources(compile_for_hopper(kernel, launch_args, constexprs), Path(workdir))
+                    out["runs"].append({"attention": overrides, "kv_dtype": kv_dtype, **found})
+            finally:
+                kernels.LAUNCH_OVERRIDES.clear()
     print_table(out)
     write_json(args.json, out)
     return out
