@@ -70,6 +70,13 @@ class DecodeConfig:
     # Off until timed on a GPU (`bench speed --attention skip_empty_splits=1`); compiled for sm_90
     # it changes no format's programs an SM (`python -m hma bench compiled`).
     skip_empty_splits: bool = False
+    # Merging in place, each sequence's split size comes from its own length on the device, not
+    # from the table's width: whole tiles, as many splits as choose_partition wants for the
+    # launch (at most the grid's). Past splits leave as with skip_empty_splits, which this implies.
+    # At max_model_len 32,768, batch 1 is given 1,024-token splits, so a 1,024-token sequence ran
+    # as one program per KV head (8 for 132 SMs); sized from its length it is 8 splits of 128.
+    # Off until timed on a GPU (`bench speed --attention split_by_length=1`).
+    split_by_length: bool = False
 
 
 # 8-bit payloads: K converts in registers and V in inline assembly (_load_tile), two pipeline
@@ -278,17 +285,23 @@ def _paged_decode_kernel(
         TILE: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
         PARTITION: tl.constexpr, IS_SPLIT: tl.constexpr, INTERPRETED: tl.constexpr,
         K_IN_REGISTERS: tl.constexpr, MERGE_IN_PLACE: tl.constexpr, SKIP_EMPTY: tl.constexpr,
-        PDL: tl.constexpr = False):
+        SPLIT_TARGET: tl.constexpr, PDL: tl.constexpr = False):
     await_inputs(PDL)
     seq, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq).to(tl.int32)
     live = num_splits  # the splits a merge waits for
+    partition = PARTITION
+    if SPLIT_TARGET > 0:
+        # Sized from this sequence's length: SPLIT_TARGET splits (at most the grid's) of whole
+        # tiles, no longer than the grid's, so the tokens covered are never more than the table's.
+        per_split = tl.cdiv(seq_len, tl.minimum(num_splits, SPLIT_TARGET))
+        partition = tl.minimum(tl.maximum(tl.cdiv(per_split, TILE), 1) * TILE, PARTITION)
     if SKIP_EMPTY:
         # The splits holding tokens (a padding row's first split writes its zeros), at most the
         # grid's: a seq_len past its table must not leave the merge waiting for splits never
         # launched. A graph's tables are max_model_len wide, so most splits of a short sequence
         # hold none: they leave at once, and neither store partials nor count toward the merge.
-        live = tl.minimum(tl.maximum(tl.cdiv(seq_len, PARTITION), 1), num_splits)
+        live = tl.minimum(tl.maximum(tl.cdiv(seq_len, partition), 1), num_splits)
         if split >= live:
             return
     g = tl.arange(0, GROUP_ROWS)
@@ -304,8 +317,8 @@ def _paged_decode_kernel(
     running_max = tl.full((GROUP_ROWS,), float("-inf"), tl.float32)
     running_sum = tl.zeros((GROUP_ROWS,), tl.float32)
     acc = tl.zeros((GROUP_ROWS, DIM_ROWS), tl.float32)
-    start = split * PARTITION
-    end = tl.minimum(start + PARTITION, seq_len)
+    start = split * partition
+    end = tl.minimum(start + partition, seq_len)
     # Each tile's ABSMAX scales load one tile ahead, while the tile before computes: the compiler's
     # pipelining prefetches the payload tiles (they feed the dots) but not these small loads, whose
     # latency every tile waited for. The rows stay computed inside the step, so bf16 compiles as
@@ -423,9 +436,13 @@ def choose_partition(num_seqs: int, num_kv_heads: int, max_len: int, device: tor
     """Tokens per split: enough splits for about two programs per SM, tiles whole, at most
     config.max_partition. Depends on shapes only (no sync), so a CUDA graph can fix it at capture."""
     config = config or DecodeConfig()
-    wanted_splits = -(-2 * _num_sms(device) // (num_seqs * num_kv_heads))
-    partition = triton.next_power_of_2(max(1, -(-max_len // wanted_splits)))
+    partition = triton.next_power_of_2(max(1, -(-max_len // _wanted_splits(num_seqs, num_kv_heads, device))))
     return min(config.max_partition, max(config.tile, partition))
+
+
+def _wanted_splits(num_seqs: int, num_kv_heads: int, device: torch.device) -> int:
+    """Splits a sequence for about two programs per SM."""
+    return -(-2 * _num_sms(device) // (num_seqs * num_kv_heads))
 
 
 def paged_decode_attention(q: torch.Tensor, cache: LayerKV, block_tables: torch.Tensor,
@@ -434,7 +451,8 @@ def paged_decode_attention(q: torch.Tensor, cache: LayerKV, block_tables: torch.
     """q (num_seqs, heads, head_dim) -> like q; block_tables (num_seqs, max_blocks), seq_lens
     (num_seqs,) on q's device. The grid covers max_blocks * block_size tokens; splits past a
     sequence's length store empty partials, or with config.skip_empty_splits (merging in place)
-    exit at once. config: the launch (default: for_format of the cache's)."""
+    exit at once; config.split_by_length sizes each sequence's splits from its length. config:
+    the launch (default: for_format of the cache's)."""
     config = config or for_format(cache.format)
     num_seqs, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, payload_dim = cache.k.shape
@@ -470,7 +488,10 @@ def paged_decode_attention(q: torch.Tensor, cache: LayerKV, block_tables: torch.
         # float32 models (the tests' reference runs) get full-precision dots, not TF32
         DOT_DTYPE=_dot_dtype(q.dtype, kind), DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         INTERPRETED=os.environ.get("TRITON_INTERPRET") == "1", K_IN_REGISTERS=config.k_in_registers,
-        MERGE_IN_PLACE=in_place, SKIP_EMPTY=in_place and config.skip_empty_splits, num_warps=config.num_warps,
+        MERGE_IN_PLACE=in_place, SKIP_EMPTY=in_place and (config.skip_empty_splits or config.split_by_length),
+        # a constant, 0 when off: on, each batch bucket compiles its own kernel
+        SPLIT_TARGET=_wanted_splits(num_seqs, num_kv_heads, q.device) if in_place and config.split_by_length else 0,
+        num_warps=config.num_warps,
         num_stages=config.num_stages, **({"maxnreg": config.max_registers} if config.max_registers else {}))
     if num_splits > 1 and not in_place:
         triton_launch(

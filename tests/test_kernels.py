@@ -117,29 +117,45 @@ def test_tables_wider_than_the_sequences_give_the_reference(name, in_place, skip
     512-token tables are 4 live splits of 8, 65 tokens 2, 64 tokens and 1 token one split
     (written without a merge), the padding row one split of zeros. Twice: each group's counter
     must be back at zero."""
+    _check_wide_tables(name, 64, merge_in_place=in_place, skip_empty_splits=skip)
+
+
+@pytest.mark.parametrize("name", ["fp32", "fp8"])
+@pytest.mark.parametrize("sms", [4, 64])
+def test_splits_sized_from_each_length_give_the_reference(monkeypatch, name, sms):
+    """Split by length, 256-token splits of 512-token tables become the launch's wanted splits
+    of 64-token tiles: with 64 SMs 200 tokens are 2 splits of 128 and 65 tokens 2 of 64; with 4
+    SMs (one split wanted) each sequence is one split, however long. Twice, for the counters."""
+    monkeypatch.setattr(kernels, "_num_sms", lambda device: sms)
+    _check_wide_tables(name, 256, split_by_length=True)
+    _assert_counters_zero()
+
+
+def _check_wide_tables(name: str, partition: int, **config) -> None:
+    """200, 65, 64 and 1 tokens and a padding row in 512-token tables, 64-token tiles, twice."""
     gen = torch.Generator().manual_seed(6)
     seq_lens = [200, 65, 64, 1, 0]
     layer, tables = _filled_layer(name, seq_lens, gen, torch.float32)
     wide = torch.cat([tables, tables[:, :1].expand(-1, 512 // BLOCK - tables.shape[1])], dim=1)
     q = torch.randn(len(seq_lens), HEADS, HEAD_DIM, generator=gen).to(DEVICE)
     lens = torch.tensor(seq_lens, device=DEVICE)
-    config = dataclasses.replace(kernels.for_format(layer.format), tile=64, merge_in_place=in_place,
-                                 skip_empty_splits=skip)
+    launch = dataclasses.replace(kernels.for_format(layer.format), tile=64, **config)
     expected = decode_reference(q[:-1], layer, tables[:-1], lens[:-1], HEAD_DIM ** -0.5)  # NaN for no token
     for _ in range(2):
-        got = paged_decode_attention(q, layer, wide, lens, HEAD_DIM ** -0.5, 64, config)
+        got = paged_decode_attention(q, layer, wide, lens, HEAD_DIM ** -0.5, partition, launch)
         torch.testing.assert_close(got[:-1], expected, atol=2e-5, rtol=1e-4)
         assert torch.equal(got[-1], torch.zeros_like(got[-1]))
 
 
-def test_a_sequence_longer_than_its_table_leaves_no_counter_waiting():
-    """Skipping empty splits, a split counts only up to the grid's splits: a length past the
+@pytest.mark.parametrize("field", ["skip_empty_splits", "split_by_length"])
+def test_a_sequence_longer_than_its_table_leaves_no_counter_waiting(field):
+    """Skipping empty splits (or sizing them by length), a split counts only up to the grid's splits: a length past the
     table (a caller's bug) must not leave a merge waiting on splits never launched, with its
     counter stuck for every later launch."""
     gen = torch.Generator().manual_seed(7)
     layer, tables = _filled_layer("fp32", [128, 5], gen, torch.float32)  # 16 blocks of 8: 128 tokens
     q = torch.randn(2, HEADS, HEAD_DIM, generator=gen).to(DEVICE)
-    config = dataclasses.replace(kernels.for_format(layer.format), tile=64, skip_empty_splits=True)
+    config = dataclasses.replace(kernels.for_format(layer.format), tile=64, **{field: True})
     paged_decode_attention(q, layer, tables, torch.tensor([200, 5], device=DEVICE), HEAD_DIM ** -0.5, 64, config)
     _assert_counters_zero()
     lens = torch.tensor([128, 5], device=DEVICE)
@@ -216,8 +232,9 @@ def launch_all():
         if quant_kernels.can_write_kv(layer.format):
             kv = torch.zeros(3, 3, 8, 128, dtype=torch.bfloat16)
             quant_kernels.write_kv(layer, kv[:, 1], kv[:, 2], torch.zeros(3, dtype=torch.long))
-    # the last format's splits merged by a kernel of their own, and merged in place skipping empty splits
-    for config in (dataclasses.replace(in_place, merge_in_place=False), dataclasses.replace(in_place, skip_empty_splits=True)):
+    # the last format's splits merged by a kernel of their own, merged in place skipping empty splits, and sized by length
+    for config in (dataclasses.replace(in_place, merge_in_place=False), dataclasses.replace(in_place, skip_empty_splits=True),
+                   dataclasses.replace(in_place, split_by_length=True)):
         kernels.paged_decode_attention(q, layer, torch.zeros(3, 300, dtype=torch.long), torch.ones(3, dtype=torch.long),
                                        0.1, config=config)
     for mode, qmax in ROW_QMAX.items():
@@ -255,9 +272,9 @@ def test_kernels_compile_for_an_h100_without_one():
     assert result.returncode == 0, result.stderr[-3000:]
     storable = sum(can_write_kv(f) for f in KV_FORMATS.values())
     # each format's attention (its splits merged in place), one merged apart (+ the merge kernel),
-    # one skipping empty splits, the K/V writes, matvec twice, row quantization twice, the layer
-    # kernels thrice
-    launches = len(KV_FORMATS) + 3 + storable + 2 + 2 + 3
+    # one skipping empty splits, one sizing splits by length, the K/V writes, matvec twice, row
+    # quantization twice, the layer kernels thrice
+    launches = len(KV_FORMATS) + 4 + storable + 2 + 2 + 3
     assert result.stdout.split() == ["compiled", str(launches)]
 
 
