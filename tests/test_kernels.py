@@ -117,7 +117,7 @@ def test_tables_wider_than_the_sequences_give_the_reference(name, in_place, skip
     512-token tables are 4 live splits of 8, 65 tokens 2, 64 tokens and 1 token one split
     (written without a merge), the padding row one split of zeros. Twice: each group's counter
     must be back at zero."""
-    _check_wide_tables(name, 64, merge_in_place=in_place, skip_empty_splits=skip)
+    _check_wide_tables(name, 64, merge_in_place=in_place, skip_empty_splits=skip, split_by_length=False)
 
 
 @pytest.mark.parametrize("name", ["fp32", "fp8"])
@@ -155,7 +155,7 @@ def test_a_sequence_longer_than_its_table_leaves_no_counter_waiting(field):
     gen = torch.Generator().manual_seed(7)
     layer, tables = _filled_layer("fp32", [128, 5], gen, torch.float32)  # 16 blocks of 8: 128 tokens
     q = torch.randn(2, HEADS, HEAD_DIM, generator=gen).to(DEVICE)
-    config = dataclasses.replace(kernels.for_format(layer.format), tile=64, **{field: True})
+    config = dataclasses.replace(kernels.for_format(layer.format), tile=64, **{"split_by_length": False, field: True})
     paged_decode_attention(q, layer, tables, torch.tensor([200, 5], device=DEVICE), HEAD_DIM ** -0.5, 64, config)
     _assert_counters_zero()
     lens = torch.tensor([128, 5], device=DEVICE)
@@ -232,9 +232,10 @@ def launch_all():
         if quant_kernels.can_write_kv(layer.format):
             kv = torch.zeros(3, 3, 8, 128, dtype=torch.bfloat16)
             quant_kernels.write_kv(layer, kv[:, 1], kv[:, 2], torch.zeros(3, dtype=torch.long))
-    # the last format's splits merged by a kernel of their own, merged in place skipping empty splits, and sized by length
-    for config in (dataclasses.replace(in_place, merge_in_place=False), dataclasses.replace(in_place, skip_empty_splits=True),
-                   dataclasses.replace(in_place, split_by_length=True)):
+    # the last format's splits merged by a kernel of their own, and sized from the table, skipping empty splits or not
+    for config in (dataclasses.replace(in_place, merge_in_place=False),
+                   dataclasses.replace(in_place, split_by_length=False, skip_empty_splits=True),
+                   dataclasses.replace(in_place, split_by_length=False)):
         kernels.paged_decode_attention(q, layer, torch.zeros(3, 300, dtype=torch.long), torch.ones(3, dtype=torch.long),
                                        0.1, config=config)
     for mode, qmax in ROW_QMAX.items():
@@ -272,7 +273,7 @@ def test_kernels_compile_for_an_h100_without_one():
     assert result.returncode == 0, result.stderr[-3000:]
     storable = sum(can_write_kv(f) for f in KV_FORMATS.values())
     # each format's attention (its splits merged in place), one merged apart (+ the merge kernel),
-    # one skipping empty splits, one sizing splits by length, the K/V writes, matvec twice, row
+    # two sized from the table (skipping empty splits, and not), the K/V writes, matvec twice, row
     # quantization twice, the layer kernels thrice
     launches = len(KV_FORMATS) + 4 + storable + 2 + 2 + 3
     assert result.stdout.split() == ["compiled", str(launches)]

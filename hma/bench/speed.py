@@ -375,8 +375,9 @@ def main(argv: list[str] | None = None) -> dict:
         if args.engine_batch_sizes:
             result["engine"] = bench_engine_steps(model, ints(args.engine_batch_sizes), min(ints(args.contexts)),
                                                   device, args.iters)
-        result["prefill"] = bench_prefill(model, args.prefill_dtypes.split(","), ints(args.prompt_lens),
-                                          peaks["bf16_flop_per_s"], device, args.iters)
+        if args.prompt_lens:  # '' skips prefill, as the other ''s skip theirs
+            result["prefill"] = bench_prefill(model, args.prefill_dtypes.split(","), ints(args.prompt_lens),
+                                              peaks["bf16_flop_per_s"], device, args.iters)
         del model
         torch.cuda.empty_cache()
         if args.baseline_batch_sizes:
