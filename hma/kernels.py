@@ -67,7 +67,7 @@ class DecodeConfig:
     # the others, and a sequence of one split is written unmerged. A graph's tables are
     # max_model_len wide: at 1,024 tokens in 4,096-token tables, 24 of batch 1's 32 splits and
     # 3 of 4 (bf16) or 6 of 8 (fp8) at batch 64 hold none, yet store partials the merge reads.
-    # On by split_by_length (the default); alone, it leaves the splits sized from the table.
+    # Implied by split_by_length; alone, it leaves the splits sized from the table.
     skip_empty_splits: bool = False
     # Merging in place, each sequence's split size comes from its own length on the device, not
     # from the table's width: whole tiles, as many splits as choose_partition wants for the
@@ -76,8 +76,10 @@ class DecodeConfig:
     # as one program per KV head (8 for 132 SMs); sized from its length it is 8 splits of 128.
     # qwen3-4b's step on the GPU, at 1,024 tokens in 32,768-token tables, batch 1: 3.99 -> 3.50 ms
     # bf16, 3.84 -> 3.55 fp8; in 4,096-token tables at batch 64: 7.55 -> 7.36 bf16, 6.54 -> 6.29
-    # fp8; at 4,096 tokens within 0.5% (H100, README nineteenth run). False: sized from the table.
-    split_by_length: bool = True
+    # fp8; at 4,096 tokens within 0.5% (H100, README nineteenth run). Off: the split target is a
+    # constant, so each batch bucket compiled its own kernel and the GPU tests' eager steps compiled
+    # after the warm-up; it must become a runtime argument before it can be the default.
+    split_by_length: bool = False
 
 
 # 8-bit payloads: K converts in registers and V in inline assembly (_load_tile), two pipeline

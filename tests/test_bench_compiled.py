@@ -26,18 +26,18 @@ def test_each_attention_set_is_compiled_for_each_format(tmp_path):
     out = tmp_path / "compiled.json"
     result = subprocess.run([sys.executable, "-m", "hma", "bench", "compiled", "--kv-dtypes", "bf16,fp8",
                              "--batch-size", "1", "--context", "4096", "--attention", "",
-                             "--attention", "split_by_length=0", "--json", str(out)],
+                             "--attention", "split_by_length=1", "--json", str(out)],
                             env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     runs = json.loads(out.read_text())["runs"]
     assert [(r["attention"], r["kv_dtype"]) for r in runs] == [
-        ("", "bf16"), ("", "fp8"), ("split_by_length=0", "bf16"), ("split_by_length=0", "fp8")]
+        ("", "bf16"), ("", "fp8"), ("split_by_length=1", "bf16"), ("split_by_length=1", "fp8")]
     for run in runs:
         assert 32 <= run["registers"] <= 255 and run["shared_bytes"] > 0 and run["programs_per_sm"] >= 1
-    # batch 1 over 4,096 tokens is split: the defaults' skipping of empty splits is more code
-    assert runs[0]["sass_instructions"] > runs[2]["sass_instructions"]
+    # batch 1 over 4,096 tokens is split: skipping empty splits is more code
+    assert runs[2]["sass_instructions"] > runs[0]["sass_instructions"]
     assert runs[2]["sass_digest"] != runs[0]["sass_digest"] and len(runs[0]["sass_digest"]) == 12
-    assert "split_by_length=0" in result.stdout
+    assert "split_by_length=1" in result.stdout
 
 
 def test_it_refuses_to_compile_under_the_interpreter(monkeypatch):

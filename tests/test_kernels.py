@@ -232,10 +232,10 @@ def launch_all():
         if quant_kernels.can_write_kv(layer.format):
             kv = torch.zeros(3, 3, 8, 128, dtype=torch.bfloat16)
             quant_kernels.write_kv(layer, kv[:, 1], kv[:, 2], torch.zeros(3, dtype=torch.long))
-    # the last format's splits merged by a kernel of their own, and sized from the table, skipping empty splits or not
+    # the last format's splits merged by a kernel of their own, merged in place skipping empty splits, and sized by length
     for config in (dataclasses.replace(in_place, merge_in_place=False),
-                   dataclasses.replace(in_place, split_by_length=False, skip_empty_splits=True),
-                   dataclasses.replace(in_place, split_by_length=False)):
+                   dataclasses.replace(in_place, skip_empty_splits=True),
+                   dataclasses.replace(in_place, split_by_length=True)):
         kernels.paged_decode_attention(q, layer, torch.zeros(3, 300, dtype=torch.long), torch.ones(3, dtype=torch.long),
                                        0.1, config=config)
     for mode, qmax in ROW_QMAX.items():
@@ -273,7 +273,7 @@ def test_kernels_compile_for_an_h100_without_one():
     assert result.returncode == 0, result.stderr[-3000:]
     storable = sum(can_write_kv(f) for f in KV_FORMATS.values())
     # each format's attention (its splits merged in place), one merged apart (+ the merge kernel),
-    # two sized from the table (skipping empty splits, and not), the K/V writes, matvec twice, row
+    # one skipping empty splits, one sizing splits by length, the K/V writes, matvec twice, row
     # quantization twice, the layer kernels thrice
     launches = len(KV_FORMATS) + 4 + storable + 2 + 2 + 3
     assert result.stdout.split() == ["compiled", str(launches)]

@@ -1,6 +1,6 @@
 """What the decode attention kernel compiles to on a Hopper GPU, on a machine with no GPU.
 
-`python -m hma bench compiled --attention '' --attention split_by_length=0 --json compiled.json`
+`python -m hma bench compiled --attention '' --attention split_by_length=1 --json compiled.json`
 Each KV format's default launch (one layer: 8 KV heads, 32 query heads, head_dim 128, batch x
 context tokens), with each `--attention` set of DecodeConfig fields in turn, is compiled by
 Triton for sm_90, specialized as a GPU launch would be (hma/bench/sm90.py). It reports the
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--context", type=int, default=4096)
     parser.add_argument("--attention", action="append", default=None,
-                        help="DecodeConfig fields set in every format's launch, e.g. split_by_length=0; "
+                        help="DecodeConfig fields set in every format's launch, e.g. split_by_length=1; "
                              "repeat it to compare ('' for the defaults)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
