@@ -76,7 +76,7 @@ class DecodeConfig:
     # as one program per KV head (8 for 132 SMs); sized from its length it is 8 splits of 128.
     # qwen3-4b's step on the GPU, at 1,024 tokens in 32,768-token tables, batch 1: 3.99 -> 3.50 ms
     # bf16, 3.84 -> 3.55 fp8; in 4,096-token tables at batch 64: 7.55 -> 7.36 bf16, 6.54 -> 6.29
-    # fp8; at 4,096 tokens within 0.5% (H100, README nineteenth run). Off: the split target is a
+    # fp8; at 4,096 tokens within 0.6% (H100, README nineteenth run). Off: the split target is a
     # constant, so each batch bucket compiled its own kernel and the GPU tests' eager steps compiled
     # after the warm-up; it must become a runtime argument before it can be the default.
     split_by_length: bool = False

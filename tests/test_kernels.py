@@ -117,7 +117,7 @@ def test_tables_wider_than_the_sequences_give_the_reference(name, in_place, skip
     512-token tables are 4 live splits of 8, 65 tokens 2, 64 tokens and 1 token one split
     (written without a merge), the padding row one split of zeros. Twice: each group's counter
     must be back at zero."""
-    _check_wide_tables(name, 64, merge_in_place=in_place, skip_empty_splits=skip, split_by_length=False)
+    _check_wide_tables(name, 64, merge_in_place=in_place, skip_empty_splits=skip)
 
 
 @pytest.mark.parametrize("name", ["fp32", "fp8"])
@@ -155,7 +155,7 @@ def test_a_sequence_longer_than_its_table_leaves_no_counter_waiting(field):
     gen = torch.Generator().manual_seed(7)
     layer, tables = _filled_layer("fp32", [128, 5], gen, torch.float32)  # 16 blocks of 8: 128 tokens
     q = torch.randn(2, HEADS, HEAD_DIM, generator=gen).to(DEVICE)
-    config = dataclasses.replace(kernels.for_format(layer.format), tile=64, **{"split_by_length": False, field: True})
+    config = dataclasses.replace(kernels.for_format(layer.format), tile=64, **{field: True})
     paged_decode_attention(q, layer, tables, torch.tensor([200, 5], device=DEVICE), HEAD_DIM ** -0.5, 64, config)
     _assert_counters_zero()
     lens = torch.tensor([128, 5], device=DEVICE)
